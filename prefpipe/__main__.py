@@ -1,0 +1,3 @@
+from prefpipe.cli import main
+
+main()

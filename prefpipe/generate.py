@@ -1,0 +1,211 @@
+"""The generate stage: N seeded candidate images per prompt from a diffusers pipeline.
+
+    prompts file ──▶ units of `prompts_per_shard` prompts ──▶ batches across prompts ──▶ PNG rows ──▶ shard
+
+- The seed of image (prompt_id, candidate) is `image_seed(seed, prompt_id, candidate)`: any image can be
+  regenerated alone, and a resumed run writes byte-identical images (same batches, same generators).
+- Each image gets its own CPU `torch.Generator`, so results do not depend on the device's RNG.
+- Units are fixed ranges of the de-duplicated prompt list; rank r of w takes units r, r+w, ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import io
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+import pyarrow as pa
+
+from prefpipe.dataset import ShardedDataset, fingerprint, rank_world
+from prefpipe.errors import PrefpipeError
+from prefpipe.prompts import read_prompts
+from prefpipe.schema import CANDIDATES
+
+
+def image_seed(seed: int, prompt_id: str, candidate: int) -> int:
+    """The seed of one image: a pure function of (run seed, prompt id, candidate index), < 2**63."""
+    digest = hashlib.sha256(f"{seed}/{prompt_id}/{candidate}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def parse_size(size: str | None) -> tuple[int, int] | None:
+    """`1024` or `1024x768` (width x height) -> (width, height); None keeps the model's default."""
+    if size is None:
+        return None
+    try:
+        parts = [int(p) for p in str(size).lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) <= 0 or any(p % 8 for p in parts):
+        raise PrefpipeError(f"--size {size}: give WIDTH or WIDTHxHEIGHT in pixels, multiples of 8 (e.g. 1024 or 768x512)")
+    return parts[0], parts[1]
+
+
+@dataclass
+class GenerateOptions:
+    """Options that decide the output (recorded in `_prefpipe.json`; a resume must match them)."""
+
+    model: str
+    per_prompt: int = 4
+    steps: int | None = None  # None: the pipeline's default
+    guidance: float | None = None  # None: the pipeline's default
+    size: str | None = None  # None: the model's native size
+    seed: int = 0
+    negative_prompt: str | None = None
+    dtype: str = "auto"
+    scheduler: str | None = None  # None: the model's own sampler
+    lora: str | None = None
+    unet: str | None = None
+    prompts_per_shard: int = 64
+    limit: int | None = None  # first N distinct prompts only
+
+
+def _call_defaults(pipe) -> dict:
+    params = inspect.signature(pipe.__call__).parameters
+    return {k: p.default for k, p in params.items()}
+
+
+def _png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _identity(opts: GenerateOptions) -> dict:
+    ident = asdict(opts)
+    for key in ("model", "lora", "unet"):  # local paths compare by location, not spelling
+        if ident[key] and Path(ident[key]).exists():
+            ident[key] = str(Path(ident[key]).resolve())
+    return ident
+
+
+def generate(
+    opts: GenerateOptions,
+    prompts: str | Path,
+    out: str | Path,
+    *,
+    batch_size: int = 4,
+    device: str = "auto",
+    offload: str = "none",
+    progress: bool = True,
+) -> dict:
+    """Run (or resume) the stage for this process's share of units. Returns the summary counters."""
+    if opts.per_prompt < 1:
+        raise PrefpipeError(f"--per-prompt {opts.per_prompt}: must be at least 1")
+    if batch_size < 1:
+        raise PrefpipeError(f"--batch-size {batch_size}: must be at least 1")
+    if opts.prompts_per_shard < 1:
+        raise PrefpipeError(f"--prompts-per-shard {opts.prompts_per_shard}: must be at least 1")
+    size = parse_size(opts.size)
+    ps = read_prompts(prompts, limit=opts.limit)
+    n_units = -(-len(ps) // opts.prompts_per_shard)
+    rank, world = rank_world()
+    ds = ShardedDataset(
+        out,
+        stage="generate",
+        options=_identity(opts),
+        input_fingerprint=fingerprint(ps.prompts),
+        n_units=n_units,
+        schema=CANDIDATES,
+        runtime={"batch_size": batch_size, "device": device, "offload": offload, "world": world},
+    ).open()
+    todo = ds.pending(rank, world)
+    mine = ds.units_for(rank, world)
+    if rank == 0:
+        click.echo(f"generate: {ps.summary()}; {n_units} shards of up to {opts.prompts_per_shard} prompts", err=True)
+    counters = {"units_written": 0, "units_skipped": len(mine) - len(todo), "images": 0}
+    if not todo:
+        _summary(ds, counters, 0.0, 0.0, rank, world)
+        return counters
+
+    from prefpipe.models import load_pipeline
+
+    pipe = load_pipeline(
+        opts.model, dtype=opts.dtype, device=device, offload=offload, scheduler=opts.scheduler, lora=opts.lora, unet=opts.unet
+    )
+    defaults = _call_defaults(pipe)
+    steps = opts.steps if opts.steps is not None else defaults.get("num_inference_steps", 50)
+    guidance = opts.guidance if opts.guidance is not None else defaults.get("guidance_scale", 7.5)
+    if opts.negative_prompt is not None and "negative_prompt" not in defaults:
+        raise PrefpipeError(f"--negative-prompt: {type(pipe).__name__} takes no negative prompt")
+    if size is None:
+        side = pipe.unet.config.sample_size * pipe.vae_scale_factor if hasattr(pipe, "unet") else None
+        size = (side, side) if side else None
+    call = {"num_inference_steps": steps, "output_type": "pil"}
+    if "guidance_scale" in defaults:
+        call["guidance_scale"] = guidance
+    if size is not None and "height" in defaults:
+        call.update(width=size[0], height=size[1])
+    model_name = opts.model
+    scheduler_name = type(pipe.scheduler).__name__
+
+    import torch
+    from tqdm.auto import tqdm
+
+    total_images = sum(
+        len(ps.prompts[u * opts.prompts_per_shard : (u + 1) * opts.prompts_per_shard]) for u in todo
+    ) * opts.per_prompt
+    bar = tqdm(
+        total=total_images, unit="img", desc=f"generate[{rank}/{world}]" if world > 1 else "generate",
+        disable=not progress, position=rank if world > 1 else None, dynamic_ncols=True,
+    )
+    t_start = time.perf_counter()
+    t_pipe = 0.0
+    for unit in todo:
+        lo = unit * opts.prompts_per_shard
+        unit_prompts = list(zip(ps.ids[lo : lo + opts.prompts_per_shard], ps.prompts[lo : lo + opts.prompts_per_shard]))
+        jobs = [(pid, text, c) for pid, text in unit_prompts for c in range(opts.per_prompt)]
+        with ds.write_unit(unit) as writer:
+            for b in range(0, len(jobs), batch_size):
+                batch = jobs[b : b + batch_size]
+                seeds = [image_seed(opts.seed, pid, c) for pid, _, c in batch]
+                kwargs = dict(call, prompt=[text for _, text, _ in batch])
+                kwargs["generator"] = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+                if opts.negative_prompt is not None:
+                    kwargs["negative_prompt"] = [opts.negative_prompt] * len(batch)
+                t0 = time.perf_counter()
+                images = pipe(**kwargs).images
+                t_pipe += time.perf_counter() - t0
+                rows = {
+                    "prompt_id": [pid for pid, _, _ in batch],
+                    "prompt": [text for _, text, _ in batch],
+                    "candidate": [c for _, _, c in batch],
+                    "seed": seeds,
+                    "image": [_png(im) for im in images],
+                    "width": [im.width for im in images],
+                    "height": [im.height for im in images],
+                    "model": [model_name] * len(batch),
+                    "scheduler": [scheduler_name] * len(batch),
+                    "steps": [steps] * len(batch),
+                    "guidance": [float(guidance)] * len(batch),
+                    "negative_prompt": [opts.negative_prompt] * len(batch),
+                    "trajectory": [None] * len(batch),
+                }
+                writer.write(pa.table(rows, schema=CANDIDATES))
+                bar.update(len(batch))
+            writer.count("images", len(jobs))
+        counters["units_written"] += 1
+        counters["images"] += len(jobs)
+    bar.close()
+    _summary(ds, counters, time.perf_counter() - t_start, t_pipe, rank, world)
+    return counters
+
+
+def _summary(ds: ShardedDataset, counters: dict, wall: float, t_pipe: float, rank: int, world: int) -> None:
+    done = sum(ds.is_done(u) for u in range(ds.n_units))
+    line = (
+        f"generate: {counters['images']} images in {counters['units_written']} new shards "
+        f"({counters['units_skipped']} already done) -> {ds.folder}; {done}/{ds.n_units} shards finished"
+    )
+    if wall > 0:
+        line += f"; {counters['images'] / wall:.2f} img/s, {100 * (1 - t_pipe / wall):.1f}% of wall time outside the pipeline"
+    if world > 1:
+        line = f"[rank {rank}/{world}] " + line
+    counters.update(wall_s=wall, pipeline_s=t_pipe, shards_finished=done)
+    click.echo(line, err=True)

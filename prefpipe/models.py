@@ -1,0 +1,166 @@
+"""Loading diffusers text-to-image pipelines by hub id or local folder, placed for the hardware.
+
+SD 1.5 and SDXL are first-class; any diffusers text-to-image pipeline loads. Fine-tuned weights
+from `prefpipe train` plug in: `lora=RUN` (pytorch_lora_weights.safetensors via `load_lora_weights`)
+or `unet=RUN` (a UNet2DConditionModel folder replacing the base UNet).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from prefpipe.errors import PrefpipeError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+OFFLOAD = ("none", "model", "sequential")
+# --scheduler names -> diffusers classes (built from the pipeline's own scheduler config)
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "pndm": "PNDMScheduler",
+    "ddpm": "DDPMScheduler",
+}
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """`auto`: this process's CUDA device (LOCAL_RANK under a launcher), else MPS, else CPU."""
+    if device != "auto":
+        try:
+            dev = torch.device(device)
+        except RuntimeError as e:
+            raise PrefpipeError(f"--device {device}: not a torch device ({e})") from e
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise PrefpipeError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto`: fp16 on a GPU, fp32 on CPU (half precision on CPU is slow and lossy)."""
+    if dtype == "auto":
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    if dtype not in DTYPES:
+        raise PrefpipeError(f"--dtype {dtype}: choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _looks_local(model: str) -> bool:
+    return model.startswith((".", "/", "~")) or os.sep + os.sep in model or model.count("/") > 1
+
+
+def resolve_model(model: str) -> str:
+    """A local pipeline folder (checked) or a hub id (passed through); a clear error otherwise."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").exists():
+            raise PrefpipeError(
+                f"--model {model}: folder has no model_index.json, so it is not a diffusers pipeline "
+                "(make one with `prefpipe tiny sd15 --out DIR`, or `pipe.save_pretrained(DIR)`)"
+            )
+        return str(path)
+    if _looks_local(model):
+        raise PrefpipeError(f"--model {model}: no such folder")
+    return model
+
+
+def load_pipeline(
+    model: str,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    offload: str = "none",
+    scheduler: str | None = None,
+    lora: str | None = None,
+    unet: str | None = None,
+):
+    """Load a text-to-image pipeline ready to call: weights, dtype, device/offload, scheduler, LoRA.
+
+    Returns the pipeline with `pipe.prefpipe_device` set to where inputs should go.
+    """
+    from diffusers import DiffusionPipeline
+
+    quiet_libraries()
+    source = resolve_model(model)
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    kwargs: dict = {"dtype": torch_dtype}
+    index = Path(source) / "model_index.json"
+    if index.exists() and '"safety_checker"' in index.read_text():
+        # Research use: generated candidates are judged by scorers, not filtered to black squares.
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as e:
+        where = "local folder" if Path(source).exists() else "hub id (is the network reachable and the id right?)"
+        raise PrefpipeError(
+            f"--model {model}: could not load a diffusers pipeline from this {where}: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
+    if unet is not None:
+        from diffusers import UNet2DConditionModel
+
+        unet_dir = Path(unet) / "unet" if (Path(unet) / "unet" / "config.json").exists() else Path(unet)
+        if not (unet_dir / "config.json").exists():
+            raise PrefpipeError(f"--unet {unet}: no UNet2DConditionModel folder (config.json) there")
+        pipe.unet = UNet2DConditionModel.from_pretrained(unet_dir, dtype=torch_dtype)
+    if lora is not None:
+        if not Path(lora).exists():
+            raise PrefpipeError(f"--lora {lora}: no such folder or file")
+        try:
+            pipe.load_lora_weights(lora)
+        except (OSError, ValueError) as e:
+            raise PrefpipeError(f"--lora {lora}: could not load LoRA weights: {e}") from e
+    if scheduler is not None:
+        set_scheduler(pipe, scheduler)
+    if offload not in OFFLOAD:
+        raise PrefpipeError(f"--offload {offload}: choose one of {', '.join(OFFLOAD)}")
+    if offload != "none" and dev.type != "cuda":
+        raise PrefpipeError(f"--offload {offload} needs a CUDA device; this run uses {dev}")
+    if offload == "model":
+        pipe.enable_model_cpu_offload(gpu_id=dev.index or 0)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(gpu_id=dev.index or 0)
+    else:
+        pipe.to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.prefpipe_device = dev
+    return pipe
+
+
+def set_scheduler(pipe, name: str) -> None:
+    """Swap the pipeline's sampler for a named one, keeping the model's noise schedule config."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise PrefpipeError(f"--scheduler {name}: choose one of {', '.join(SCHEDULERS)}")
+    cls = getattr(diffusers, SCHEDULERS[name])
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+
+
+def model_family(pipe) -> str:
+    """`sdxl` for pipelines with two text encoders and micro-conditioning, `sd15` for SD 1.x/2.x."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return "sdxl"
+    if getattr(pipe, "text_encoder", None) is not None and getattr(pipe, "unet", None) is not None:
+        return "sd15"
+    return "other"
+
+
+def quiet_libraries() -> None:
+    """Silence the libraries' own loading bars and info logs: prefpipe shows one progress bar per stage."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()

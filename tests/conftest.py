@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny offline models built through the same code path as `prefpipe tiny`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+PARTI = SHARED_DATA / "PartiPrompts.tsv"
+ARTIFACTS = REPO / "test-artifacts"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `prefpipe ARGS` as a user would, in a subprocess."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "prefpipe", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"prefpipe {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(tmp_path_factory) -> Path:
+    from prefpipe.tiny import write_tiny_pipeline
+
+    return write_tiny_pipeline("sd15", tmp_path_factory.mktemp("models") / "tiny-sd15")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    from prefpipe.tiny import write_tiny_pipeline
+
+    return write_tiny_pipeline("sdxl", tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def parti_prompts() -> Path:
+    if not PARTI.exists():
+        pytest.fail(f"{PARTI} is missing: the tests read the shared PartiPrompts data from ../shared/data")
+    return PARTI
