@@ -73,5 +73,21 @@ def tiny(kind, out, seed, size):
     click.echo(f"tiny {kind}: wrote {path}")
 
 
+def _register_stage_commands() -> None:
+    """Stages that live in their own packages define their click command there (imports stay lazy)."""
+    import importlib
+
+    for module, name in (("trainer.cli", "train"),):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        main.add_command(getattr(mod, name))
+
+
+_register_stage_commands()
+
 if __name__ == "__main__":
     main()

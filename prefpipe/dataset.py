@@ -41,11 +41,16 @@ _VERSIONED = ("prefpipe", "torch", "diffusers", "transformers", "open_clip_torch
 
 
 def rank_world() -> tuple[int, int]:
-    """This process's (rank, world): from accelerate's state under a launcher, else (0, 1)."""
+    """This process's (rank, world): from accelerate's state under a launcher, else (0, 1).
+
+    On a machine without CUDA, `accelerate launch --multi_gpu --num_processes N` starts N CPU
+    processes; accelerate only sees them as one job (MULTI_CPU, gloo) when asked for the CPU.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
         from accelerate import PartialState
 
-        state = PartialState()
+        state = PartialState(cpu=not torch.cuda.is_available())
         return state.process_index, state.num_processes
     return 0, 1
 
@@ -116,32 +121,36 @@ class ShardedDataset:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def open(self) -> ShardedDataset:
-        """Create the folder and its manifest, or check that an existing one was made the same way."""
+        """Check that an existing folder was made by the same job (refuse otherwise).
+
+        Nothing is written here: the manifest is created with the first finished unit, so a run that
+        fails before producing anything (a wrong model id, say) leaves no folder to be refused later.
+        """
         if self.folder.exists() and not self.folder.is_dir():
             raise PrefpipeError(f"--out {self.folder} exists and is not a folder")
-        with self._locked_manifest() as m:
-            if not m:
-                if any(self.folder.glob("*.parquet")):
-                    raise PrefpipeError(
-                        f"--out {self.folder} already holds Parquet files that prefpipe did not write "
-                        f"(no {MANIFEST}); choose an empty or new folder"
-                    )
-                m.update(
-                    format=FORMAT_VERSION,
-                    stage=self.stage,
-                    options=self.options,
-                    input_fingerprint=self.input_fingerprint,
-                    n_units=self.n_units,
-                    runtime=self.runtime,
-                    versions=library_versions(),
-                    created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    complete=False,
-                    units={},
-                )
-                return self
+        m = read_manifest(self.folder)
+        if m:
             self._check_same_job(m)
-            m["runtime"] = self.runtime
+        elif self.folder.exists() and any(self.folder.glob("*.parquet")):
+            raise PrefpipeError(
+                f"--out {self.folder} already holds Parquet files that prefpipe did not write "
+                f"(no {MANIFEST}); choose an empty or new folder"
+            )
         return self
+
+    def _init_manifest(self, m: dict) -> None:
+        m.update(
+            format=FORMAT_VERSION,
+            stage=self.stage,
+            options=self.options,
+            input_fingerprint=self.input_fingerprint,
+            n_units=self.n_units,
+            runtime=self.runtime,
+            versions=library_versions(),
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            complete=False,
+            units={},
+        )
 
     def _check_same_job(self, m: dict) -> None:
         where = f"--out {self.folder}"
@@ -199,6 +208,7 @@ class ShardedDataset:
         On an exception the temporary file is removed and nothing is recorded.
         """
         final = self.shard_path(unit)
+        self.folder.mkdir(parents=True, exist_ok=True)
         for stale in self.folder.glob(f".{final.name}.*.tmp"):  # left by a killed run; a unit has one owner
             stale.unlink(missing_ok=True)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
@@ -211,6 +221,9 @@ class ShardedDataset:
             writer.abort()
             raise
         with self._locked_manifest() as m:
+            if not m:
+                self._init_manifest(m)
+            m["runtime"] = self.runtime
             m.setdefault("units", {})[final.name] = {"rows": writer.rows, **writer.stats}
             m["complete"] = all(self.is_done(u) for u in range(self.n_units))
 
@@ -226,6 +239,8 @@ class ShardedDataset:
     def record(self, **fields: Any) -> None:
         """Store stage-level facts (a summary, a report) in the manifest."""
         with self._locked_manifest() as m:
+            if not m:
+                self._init_manifest(m)
             m.update(fields)
 
 

@@ -104,6 +104,9 @@ def generate(
         raise PrefpipeError(f"--prompts-per-shard {opts.prompts_per_shard}: must be at least 1")
     size = parse_size(opts.size)
     ps = read_prompts(prompts, limit=opts.limit)
+    from prefpipe.models import resolve_model
+
+    resolve_model(opts.model)  # a wrong path stops here, before anything is written
     n_units = -(-len(ps) // opts.prompts_per_shard)
     rank, world = rank_world()
     ds = ShardedDataset(

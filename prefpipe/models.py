@@ -99,7 +99,7 @@ def load_pipeline(
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         where = "local folder" if Path(source).exists() else "hub id (is the network reachable and the id right?)"
         raise PrefpipeError(
             f"--model {model}: could not load a diffusers pipeline from this {where}: "

@@ -5,7 +5,14 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from prefpipe.dataset import MANIFEST, ShardedDataset, iter_batches, parquet_files, read_manifest, row_group_units
+from prefpipe.dataset import (
+    MANIFEST,
+    ShardedDataset,
+    iter_batches,
+    parquet_files,
+    read_manifest,
+    row_group_units,
+)
 from prefpipe.errors import PrefpipeError
 from prefpipe.schema import SCORES
 
