@@ -94,8 +94,13 @@ def generate(
     device: str = "auto",
     offload: str = "none",
     progress: bool = True,
+    pipe=None,
 ) -> dict:
-    """Run (or resume) the stage for this process's share of units. Returns the summary counters."""
+    """Run (or resume) the stage for this process's share of units. Returns the summary counters.
+
+    `pipe`: an already loaded pipeline for `opts.model` (eval and benchmarks reuse one); by default
+    the pipeline is loaded here, and only when there is work left.
+    """
     if opts.per_prompt < 1:
         raise PrefpipeError(f"--per-prompt {opts.per_prompt}: must be at least 1")
     if batch_size < 1:
@@ -127,11 +132,13 @@ def generate(
         _summary(ds, counters, 0.0, 0.0, rank, world)
         return counters
 
-    from prefpipe.models import load_pipeline
+    if pipe is None:
+        from prefpipe.models import load_pipeline
 
-    pipe = load_pipeline(
-        opts.model, dtype=opts.dtype, device=device, offload=offload, scheduler=opts.scheduler, lora=opts.lora, unet=opts.unet
-    )
+        pipe = load_pipeline(
+            opts.model, dtype=opts.dtype, device=device, offload=offload, scheduler=opts.scheduler,
+            lora=opts.lora, unet=opts.unet,
+        )
     defaults = _call_defaults(pipe)
     steps = opts.steps if opts.steps is not None else defaults.get("num_inference_steps", 50)
     guidance = opts.guidance if opts.guidance is not None else defaults.get("guidance_scale", 7.5)
