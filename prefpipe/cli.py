@@ -56,7 +56,7 @@ def generate(prompts, out, batch_size, device, offload, no_progress, **options):
 
 
 @main.command()
-@click.argument("kind", type=click.Choice(["sd15", "sdxl"]))
+@click.argument("kind", type=click.Choice(["sd15", "sdxl", "pickscore", "hpsv2", "clip", "aesthetic"]))
 @click.option("--out", required=True, type=click.Path(), help="Folder to write.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--size", type=click.IntRange(min=16), default=64, show_default=True, help="Native image side in pixels (multiple of 8).")
@@ -64,12 +64,19 @@ def tiny(kind, out, seed, size):
     """Write a tiny offline model of a real architecture (same classes, same on-disk format).
 
     sd15 / sdxl: a diffusers pipeline folder that `--model` accepts.
+    pickscore / hpsv2 / clip / aesthetic: a scorer checkpoint in the real format; pass the printed path
+    as `prefpipe label --weights KIND=PATH`.
     """
-    from prefpipe.tiny import write_tiny_pipeline
+    if kind in ("sd15", "sdxl"):
+        from prefpipe.tiny import write_tiny_pipeline
 
-    if size % 8:
-        raise PrefpipeError(f"--size {size}: must be a multiple of 8")
-    path = write_tiny_pipeline(kind, out, seed=seed, size=size)
+        if size % 8:
+            raise PrefpipeError(f"--size {size}: must be a multiple of 8")
+        path = write_tiny_pipeline(kind, out, seed=seed, size=size)
+    else:
+        from labelers.tiny import write_tiny_scorer
+
+        path = write_tiny_scorer(kind, out, seed=seed)
     click.echo(f"tiny {kind}: wrote {path}")
 
 
@@ -77,7 +84,11 @@ def _register_stage_commands() -> None:
     """Stages that live in their own packages define their click command there (imports stay lazy)."""
     import importlib
 
-    for module, name in (("trainer.cli", "train"),):
+    for module, name in (
+        ("prefpipe.label", "label"),
+        ("prefpipe.label", "pairs_command"),
+        ("trainer.cli", "train"),
+    ):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:

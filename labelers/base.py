@@ -1,0 +1,189 @@
+"""The scorer protocol and what every model-backed scorer shares: device, dtype, batching, weights lookup.
+
+A scorer turns images and their prompts into one float per image:
+
+    scores = scorer.score(images, prompts)   # list[PIL.Image] (N), list[str] (N) -> float32 array, shape (N,)
+
+Scores of one scorer are comparable only with each other; `higher_is_better` says which way is preferred
+(every scorer here is higher-is-better: compressibility carries its sign in the value).
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image
+
+from prefpipe.errors import PrefpipeError
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """What the label stage needs from a scorer."""
+
+    name: str
+    version: str
+    higher_is_better: bool
+
+    def score(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray:
+        """One float32 score per (image, prompt) pair, shape (N,)."""
+        ...
+
+
+def check_inputs(images: list[Image.Image], prompts: list[str]) -> None:
+    """Stop with a clear message when images and prompts do not pair up one to one."""
+    if len(images) != len(prompts):
+        raise PrefpipeError(f"got {len(images)} images but {len(prompts)} prompts: pass one prompt per image")
+
+
+def resolve_device(device: str = "auto"):
+    """'auto' -> cuda when available, else cpu; anything else is passed to torch.device."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+_DTYPES = {
+    "fp32": "float32",
+    "float32": "float32",
+    "float": "float32",
+    "fp16": "float16",
+    "float16": "float16",
+    "half": "float16",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+}
+
+
+def resolve_dtype(dtype, device):
+    """None -> float16 on CUDA, float32 elsewhere; accepts torch dtypes or names ('fp16', 'bfloat16', ...)."""
+    import torch
+
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = _DTYPES.get(str(dtype).lower())
+    if name is None:
+        raise PrefpipeError(f"unknown dtype {dtype!r}: use one of fp32, fp16, bf16")
+    return getattr(torch, name)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def is_local(location: str | Path) -> bool:
+    """True when `location` names an existing file or folder on this machine."""
+    return Path(location).expanduser().exists()
+
+
+def require_hub_id(location: str, what: str) -> str:
+    """`location` is not a local path: it must look like a hub id ('org/name'), else say what is missing."""
+    if not _HUB_ID.match(str(location)):
+        raise PrefpipeError(
+            f"{what} {location!r} is neither an existing file or folder nor a hub id (org/name)"
+        )
+    return str(location)
+
+
+def hub_file(repo_id: str, filename: str) -> Path:
+    """Download (or find in the local cache) one file of a hub repo; a PrefpipeError says how to go offline."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, filename))
+    except Exception as err:  # offline, missing repo or file: one message, with the way out
+        raise PrefpipeError(
+            f"could not get {filename!r} from hub repo {repo_id!r} ({type(err).__name__}: {err}); "
+            "download it where the hub is reachable and pass its local path as the weights"
+        ) from err
+
+
+def from_pretrained(cls, location: str, what: str, **kwargs):
+    """`cls.from_pretrained(location)` for a local folder or hub id, with a PrefpipeError on failure."""
+    if not is_local(location):
+        require_hub_id(location, what)
+    try:
+        return cls.from_pretrained(
+            str(Path(location).expanduser()) if is_local(location) else location, **kwargs
+        )
+    except OSError as err:
+        raise PrefpipeError(f"could not load {what} from {location!r}: {err}") from err
+
+
+class TorchScorer(ABC):
+    """Base of the model-backed scorers: resolves device/dtype and feeds the model `batch_size` pairs at a time.
+
+    Subclasses set `name`, `version`, `higher_is_better` and implement `_score_batch`, which gets at most
+    `batch_size` images with their prompts and returns a tensor or array of shape (B,).
+    """
+
+    name: str
+    version: str
+    higher_is_better: bool = True
+
+    def __init__(self, batch_size: int = 16, device: str = "auto", dtype=None) -> None:
+        if batch_size < 1:
+            raise PrefpipeError(f"batch_size must be at least 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+
+    def score(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray:
+        """Score N (image, prompt) pairs -> float32 array of shape (N,)."""
+        import torch
+
+        check_inputs(images, prompts)
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(images), self.batch_size):
+                stop = start + self.batch_size
+                batch = self._score_batch(list(images[start:stop]), list(prompts[start:stop]))
+                if isinstance(batch, torch.Tensor):
+                    batch = batch.detach().float().cpu().numpy()
+                out.append(np.asarray(batch, dtype=np.float32).reshape(-1))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+    @abstractmethod
+    def _score_batch(self, images: list[Image.Image], prompts: list[str]):
+        """Scores of one batch, shape (B,)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(version={self.version!r}, device={self.device}, dtype={self.dtype})"
+
+
+def projected(output):
+    """The projected embedding of a transformers CLIP `get_*_features` call.
+
+    transformers < 5 returns the tensor itself; transformers 5 returns an output object whose
+    `pooler_output` holds the projection.
+    """
+    return output if hasattr(output, "shape") else output.pooler_output
+
+
+def load_clip_processing(location: str):
+    """(image processor, tokenizer) of a hub-format CLIP folder or hub id.
+
+    The image processor is forced onto transformers' PIL backend: the reference numbers were computed
+    with PIL resizing, and transformers 5 would otherwise pick its torchvision backend.
+    """
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    images = from_pretrained(AutoImageProcessor, location, "CLIP image processor", backend="pil")
+    tokenizer = from_pretrained(AutoTokenizer, location, "CLIP tokenizer")
+    return images, tokenizer
+
+
+def drop_alpha(images: list[Image.Image]) -> list[Image.Image]:
+    """`image.convert("RGB")` for every non-RGB image: alpha is dropped, grayscale replicated.
+
+    This is what transformers' CLIP processor did when PickScore and torchmetrics' CLIPScore were
+    published; transformers 5 composites transparent pixels onto white instead, so we convert first.
+    """
+    return [im if im.mode == "RGB" else im.convert("RGB") for im in images]
