@@ -46,6 +46,8 @@ def main() -> None:
 @click.option("--unet", type=click.Path(), default=None, help="A `prefpipe train` full run (UNet folder) replacing the base UNet.")
 @click.option("--prompts-per-shard", type=click.IntRange(min=1), default=64, show_default=True, help="Prompts per output shard (the unit of resume and of sharding).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N distinct prompts.")
+@click.option("--trajectories", is_flag=True, help="D3PO: DDIM sampling, candidates of a prompt share the initial noise, every step's latents stored.")
+@click.option("--eta", type=float, default=None, help="DDIM eta [default: 1.0 with --trajectories, else the pipeline's].")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def generate(prompts, out, batch_size, device, offload, no_progress, **options):
     """Generate N seeded candidate images per prompt into a candidates dataset."""

@@ -6,6 +6,9 @@
   regenerated alone, and a resumed run writes byte-identical images (same batches, same generators).
 - Each image gets its own CPU `torch.Generator`, so results do not depend on the device's RNG.
 - Units are fixed ranges of the de-duplicated prompt list; rank r of w takes units r, r+w, ...
+- `trajectories=True` (D3PO): DDIM sampling with `eta` (default 1.0); the candidates of one prompt share
+  the initial noise (seed `noise_seed(seed, prompt_id)`) and differ by the DDIM step noise (their image
+  seed), and every step's latents are stored in the `trajectory` column (see `encode_trajectory`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,38 @@ def image_seed(seed: int, prompt_id: str, candidate: int) -> int:
     """The seed of one image: a pure function of (run seed, prompt id, candidate index), < 2**63."""
     digest = hashlib.sha256(f"{seed}/{prompt_id}/{candidate}".encode()).digest()
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def noise_seed(seed: int, prompt_id: str) -> int:
+    """Seed of the initial noise that all candidates of a prompt share when sampling trajectories."""
+    return image_seed(seed, prompt_id, -1)
+
+
+def encode_trajectory(latents, timesteps, eta: float, guidance: float) -> bytes:
+    """One image's sampling trajectory as compressed `.npz` bytes.
+
+    Arrays: `latents` (T+1, C, h, w) float16 (x_T first, x_0 last), `timesteps` (T,) int64 (the step
+    taken from latents[k] to latents[k+1] is at timesteps[k]), `eta` and `guidance` (scalars).
+    """
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez_compressed(
+        buf,
+        latents=np.asarray(latents, dtype=np.float16),
+        timesteps=np.asarray(timesteps, dtype=np.int64),
+        eta=np.float32(eta),
+        guidance=np.float32(guidance),
+    )
+    return buf.getvalue()
+
+
+def decode_trajectory(data: bytes) -> dict:
+    """The arrays of `encode_trajectory` (numpy)."""
+    import numpy as np
+
+    with np.load(io.BytesIO(data)) as z:
+        return {k: z[k] for k in z.files}
 
 
 def parse_size(size: str | None) -> tuple[int, int] | None:
@@ -64,6 +99,8 @@ class GenerateOptions:
     unet: str | None = None
     prompts_per_shard: int = 64
     limit: int | None = None  # first N distinct prompts only
+    trajectories: bool = False  # D3PO: DDIM with eta, shared initial noise per prompt, store every step
+    eta: float | None = None  # DDIM eta (None: 1.0 with trajectories, else the pipeline's default)
 
 
 def _call_defaults(pipe) -> dict:
@@ -108,6 +145,10 @@ def generate(
     if opts.prompts_per_shard < 1:
         raise PrefpipeError(f"--prompts-per-shard {opts.prompts_per_shard}: must be at least 1")
     size = parse_size(opts.size)
+    if opts.trajectories and opts.scheduler not in (None, "ddim"):
+        raise PrefpipeError(f"--trajectories samples with DDIM (D3PO's log-probabilities need it); drop --scheduler {opts.scheduler}")
+    if opts.eta is not None and opts.eta < 0:
+        raise PrefpipeError(f"--eta {opts.eta}: must be >= 0")
     ps = read_prompts(prompts, limit=opts.limit)
     from prefpipe.models import resolve_model
 
@@ -136,9 +177,14 @@ def generate(
         from prefpipe.models import load_pipeline
 
         pipe = load_pipeline(
-            opts.model, dtype=opts.dtype, device=device, offload=offload, scheduler=opts.scheduler,
-            lora=opts.lora, unet=opts.unet,
+            opts.model, dtype=opts.dtype, device=device, offload=offload,
+            scheduler="ddim" if opts.trajectories else opts.scheduler, lora=opts.lora, unet=opts.unet,
         )
+    if opts.trajectories:
+        from prefpipe.models import set_scheduler
+
+        if type(pipe.scheduler).__name__ != "DDIMScheduler":
+            set_scheduler(pipe, "ddim")
     defaults = _call_defaults(pipe)
     steps = opts.steps if opts.steps is not None else defaults.get("num_inference_steps", 50)
     guidance = opts.guidance if opts.guidance is not None else defaults.get("guidance_scale", 7.5)
@@ -152,6 +198,13 @@ def generate(
         call["guidance_scale"] = guidance
     if size is not None and "height" in defaults:
         call.update(width=size[0], height=size[1])
+    eta = opts.eta if opts.eta is not None else (1.0 if opts.trajectories else None)
+    if eta is not None:
+        if "eta" not in defaults:
+            raise PrefpipeError(f"--eta: {type(pipe).__name__} takes no eta")
+        call["eta"] = eta
+    if opts.trajectories and not ({"latents", "callback_on_step_end"} <= set(defaults) and size is not None):
+        raise PrefpipeError(f"--trajectories: {type(pipe).__name__} cannot record its latents (needs latents= and callback_on_step_end=)")
     model_name = opts.model
     scheduler_name = type(pipe.scheduler).__name__
 
@@ -179,9 +232,25 @@ def generate(
                 kwargs["generator"] = [torch.Generator("cpu").manual_seed(s) for s in seeds]
                 if opts.negative_prompt is not None:
                     kwargs["negative_prompt"] = [opts.negative_prompt] * len(batch)
+                steps_seen: list = []
+                if opts.trajectories:
+                    kwargs["latents"] = _shared_noise(pipe, opts.seed, [pid for pid, _, _ in batch], size)
+                    steps_seen.append(kwargs["latents"].float().cpu())
+
+                    def record(_pipe, _i, _t, tensors, steps_seen=steps_seen):
+                        steps_seen.append(tensors["latents"].float().cpu())
+                        return tensors
+
+                    kwargs.update(callback_on_step_end=record, callback_on_step_end_tensor_inputs=["latents"])
                 t0 = time.perf_counter()
                 images = pipe(**kwargs).images
                 t_pipe += time.perf_counter() - t0
+                trajectories = [None] * len(batch)
+                if opts.trajectories:
+                    stacked = torch.stack(steps_seen, dim=1).numpy()  # (B, T+1, C, h, w)
+                    ts = pipe.scheduler.timesteps.cpu().numpy()
+                    trajectories = [encode_trajectory(stacked[i], ts, eta, guidance) for i in range(len(batch))]
+                    writer.count("trajectory_bytes", sum(len(t) for t in trajectories))
                 rows = {
                     "prompt_id": [pid for pid, _, _ in batch],
                     "prompt": [text for _, text, _ in batch],
@@ -195,7 +264,7 @@ def generate(
                     "steps": [steps] * len(batch),
                     "guidance": [float(guidance)] * len(batch),
                     "negative_prompt": [opts.negative_prompt] * len(batch),
-                    "trajectory": [None] * len(batch),
+                    "trajectory": trajectories,
                 }
                 writer.write(pa.table(rows, schema=CANDIDATES))
                 bar.update(len(batch))
@@ -207,12 +276,24 @@ def generate(
     return counters
 
 
+def _shared_noise(pipe, seed: int, prompt_ids: list[str], size: tuple[int, int]):
+    """Initial latents (B, C, h, w): one draw per prompt, shared by its candidates (D3PO)."""
+    import torch
+
+    shape = (pipe.unet.config.in_channels, size[1] // pipe.vae_scale_factor, size[0] // pipe.vae_scale_factor)
+    noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(noise_seed(seed, pid))) for pid in prompt_ids]
+    return torch.stack(noise).to(pipe.prefpipe_device, pipe.unet.dtype)
+
+
 def _summary(ds: ShardedDataset, counters: dict, wall: float, t_pipe: float, rank: int, world: int) -> None:
     done = sum(ds.is_done(u) for u in range(ds.n_units))
     line = (
         f"generate: {counters['images']} images in {counters['units_written']} new shards "
         f"({counters['units_skipped']} already done) -> {ds.folder}; {done}/{ds.n_units} shards finished"
     )
+    traj = ds.stats().get("trajectory_bytes")
+    if traj:
+        line += f"; trajectories {traj / max(1, ds.stats().get('images', 1)) / 1024:.1f} KiB per image"
     if wall > 0:
         line += f"; {counters['images'] / wall:.2f} img/s, {100 * (1 - t_pipe / wall):.1f}% of wall time outside the pipeline"
     if world > 1:

@@ -165,3 +165,41 @@ def test_other_options_into_the_same_folder_are_refused_and_nothing_is_lost(tiny
     with pytest.raises(PrefpipeError, match="input"):
         generate(GenerateOptions(model=str(tiny_sd15), per_prompt=1, steps=2), other, out, progress=False)
     assert {f.name: f.read_bytes() for f in parquet_files(out)} == before
+
+
+def test_trajectories_share_initial_noise_per_prompt_and_replay_as_ddim_steps(tiny_sd15, prompt_file, tmp_path):
+    import torch
+
+    from prefpipe.generate import decode_trajectory
+    from prefpipe.models import load_pipeline
+    from trainer.losses import ddim_scheduler_args, ddim_step_mean_std
+
+    out = tmp_path / "traj"
+    generate(GenerateOptions(model=str(tiny_sd15), per_prompt=2, steps=4, guidance=3.0, trajectories=True),
+             prompt_file, out, batch_size=3, progress=False)
+    df = _table(out)
+    assert set(df["scheduler"]) == {"DDIMScheduler"}
+    trajs = [decode_trajectory(b) for b in df["trajectory"]]
+    assert trajs[0]["latents"].shape == (5, 4, 8, 8) and trajs[0]["latents"].dtype == np.float16
+    assert float(trajs[0]["eta"]) == 1.0 and len(trajs[0]["timesteps"]) == 4
+    assert np.array_equal(trajs[0]["latents"][0], trajs[1]["latents"][0])  # same prompt: same x_T
+    assert not np.array_equal(trajs[0]["latents"][-1], trajs[1]["latents"][-1])  # different step noise
+    assert not np.array_equal(trajs[0]["latents"][0], trajs[2]["latents"][0])  # another prompt
+
+    # Replaying the recorded steps with the unchanged model: each recorded x_{k+1} is a draw from the
+    # DDIM step's Gaussian (standardised residuals have mean square ~1, up to fp16 storage).
+    pipe = load_pipeline(str(tiny_sd15), scheduler="ddim")
+    pipe.scheduler.set_timesteps(4)
+    cond, uncond = pipe.encode_prompt(df["prompt"][0], pipe.prefpipe_device, 1, True)
+    lat = torch.tensor(trajs[0]["latents"], dtype=torch.float32)
+    z2 = []
+    for k, t in enumerate(trajs[0]["timesteps"]):
+        with torch.no_grad():
+            eps_u, eps_c = pipe.unet(torch.cat([lat[k : k + 1]] * 2), int(t),
+                                     encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+        eps = eps_u + 3.0 * (eps_c - eps_u)
+        prev_t = torch.tensor([int(t) - 1000 // 4])
+        mean, std = ddim_step_mean_std(eps, torch.tensor([int(t)]), lat[k : k + 1], prev_timestep=prev_t, eta=1.0,
+                                       **ddim_scheduler_args(pipe.scheduler))
+        z2.append((((lat[k + 1 : k + 2] - mean) / std) ** 2).mean().item())
+    assert all(0.3 < z < 3.0 for z in z2), z2
