@@ -89,6 +89,7 @@ def _register_stage_commands() -> None:
     for module, name in (
         ("prefpipe.label", "label"),
         ("prefpipe.label", "pairs_command"),
+        ("prefpipe.ingest", "ingest"),
         ("prefpipe.eval", "eval_command"),
         ("prefpipe.show", "show"),
         ("trainer.cli", "train"),

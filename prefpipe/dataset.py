@@ -262,7 +262,7 @@ class UnitWriter:
 
             table = conform(table, self.schema)
         if self._writer is None:
-            self._writer = pq.ParquetWriter(self.path, self.schema, compression="zstd")
+            self._writer = pq.ParquetWriter(self.path, self.schema, compression=_compression(self.schema))
         self._writer.write_table(table)
         self.rows += table.num_rows
 
@@ -272,7 +272,7 @@ class UnitWriter:
 
     def close(self) -> None:
         if self._writer is None:  # a unit with no rows still gets a (valid, empty) shard
-            self._writer = pq.ParquetWriter(self.path, self.schema, compression="zstd")
+            self._writer = pq.ParquetWriter(self.path, self.schema, compression=_compression(self.schema))
         self._writer.close()
         with open(self.path, "rb") as f:
             os.fsync(f.fileno())
@@ -283,6 +283,12 @@ class UnitWriter:
                 self._writer.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+def _compression(schema: pa.Schema) -> dict[str, str]:
+    """zstd for every column but binary ones (PNG/JPEG/npz bytes are compressed already: zstd on them
+    costs time and saves nothing)."""
+    return {f.name: "none" if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type) else "zstd" for f in schema}
 
 
 # -- reading -----------------------------------------------------------------------------------
