@@ -1,0 +1,25 @@
+"""`prefpipe train`: its options are generated from `trainer.config.TrainConfig` (the single source of truth).
+
+Heavy imports (torch, diffusers) happen inside the command, so `prefpipe --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import click
+
+from trainer.config import TrainConfig, click_options
+
+
+@click.command(context_settings={"max_content_width": 120})
+@click_options
+def train(**options) -> None:
+    """Train a LoRA (or the whole UNet) on preference pairs: Diffusion-DPO by default, or SFT.
+
+    \b
+    Data: --source ai|human (WORKDIR/pairs/...) and/or --pairs PATH (ours or Pick-a-Pic shards).
+    Writes RUN/pytorch_lora_weights.safetensors (or RUN/unet with --full), checkpoints, metrics.jsonl,
+    curves.png and train_config.json. Several processes: accelerate launch -m prefpipe train ...
+    """
+    from trainer.loop import train as run
+
+    run(TrainConfig(**options))
