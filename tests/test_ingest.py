@@ -452,3 +452,19 @@ def test_cli_runs_both_sources_and_prints_a_one_line_summary(pickapic, hpdv2, tm
     assert "ingest hpdv2: read 1 entries (1 candidate pairs), kept 1 pairs over 1 prompts" in result.output
     result = runner.invoke(ingest, ["pickapic", "--from", str(tmp_path / "nothing"), "--out", str(tmp_path / "w3")])
     assert result.exit_code == 1 and "Error: --from" in result.output and "Traceback" not in result.output
+
+
+def test_ingested_pairs_train_with_source_human(pickapic, tmp_path, tiny_sd15):
+    """The whole human path: published shards -> ingest -> `prefpipe train --source human` -> a LoRA."""
+    import json
+
+    from tests.conftest import run_cli
+
+    work = tmp_path / "work"
+    _run(pickapic, work)
+    run_cli("train", "--model", tiny_sd15, "--source", "human", "--workdir", work, "--out", tmp_path / "run",
+            "--max-steps", "2", "--batch-size", "2", "--resolution", "32", "--no-progress",
+            env={"OMP_NUM_THREADS": "1"})
+    assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").exists()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2] and all(np.isfinite(m["loss"]) for m in lines)
