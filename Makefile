@@ -1,21 +1,45 @@
-# prefpipe: `make demo` runs the whole loop on an embedded tiny model; `make test` runs the test suite.
+# prefpipe: `make demo` runs the whole loop on a tiny model it trains itself; `make test` runs the tests.
 # Every target depends on `install`, so on a fresh machine either command does all the set-up.
+#
+# The stage targets chain by their output folders (a stamp `.complete` is written when a stage has
+# finished), so `make train` after `make label` redoes nothing; each stage also resumes by itself.
+# The variables turn the same targets into the real recipe (README), e.g.
+#   make eval MODEL=stabilityai/stable-diffusion-xl-base-1.0 PROMPTS=prompts.txt EVAL_PROMPTS=held_out.txt \
+#        SCORER=pickscore WORKDIR=work/sdxl GEN_ARGS="--size 1024 --steps 30 --dtype fp16" ...
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed
+PREFPIPE := $(BIN)/prefpipe
 
-# Stage targets: override these for the real recipe (see README), e.g.
-#   make generate MODEL=stabilityai/stable-diffusion-xl-base-1.0 PROMPTS=prompts.txt WORKDIR=work/sdxl
-MODEL     ?= $(WORKDIR)/models/base
-PROMPTS   ?= ../shared/data/PartiPrompts.tsv
-WORKDIR   ?= work/demo
-PER_PROMPT ?= 4
-GEN_ARGS  ?=
+WORKDIR      ?= work/demo
+DEMO_MODEL   := $(WORKDIR)/models/base
+MODEL        ?= $(DEMO_MODEL)
+PROMPTS      ?= $(WORKDIR)/prompts/train.txt
+EVAL_PROMPTS ?= $(WORKDIR)/prompts/held_out.txt
+SCORER       ?= compressibility
+CONTROL      ?= incompressibility
+PER_PROMPT   ?= 6
+EVAL_PER_PROMPT ?= 16
+GEN_ARGS     ?= --steps 20 --guidance 3 --batch-size 64 --scheduler ddim --no-progress
+LABEL_ARGS   ?= --strategy random-k --k 3 --no-progress
+TRAIN_ARGS   ?= --beta 2000 --learning-rate 1e-3 --lora-rank 8 --lora-targets attn,ff,conv --batch-size 32 \
+                --max-steps 200 --checkpoint-every 0 --no-progress
+EVAL_ARGS    ?= --steps 20 --guidance 3 --batch-size 64 --scheduler ddim --no-progress
+DEMO_ARGS    ?=
 
-.PHONY: install test lint bench generate clean
+CANDIDATES := $(WORKDIR)/candidates
+LABELED    := $(WORKDIR)/label-$(SCORER)
+RUN        := $(WORKDIR)/runs/dpo-$(SCORER)
+EVALDIR    := $(WORKDIR)/eval-$(SCORER)
+# the demo's base model is built here; a hub id or another folder is used as it is
+MODEL_DEP  := $(if $(filter $(DEMO_MODEL),$(MODEL)),$(DEMO_MODEL)/model_index.json,)
+PROMPTS_DEP := $(filter $(WORKDIR)/prompts/%,$(PROMPTS))
+EVAL_PROMPTS_DEP := $(filter $(WORKDIR)/prompts/%,$(EVAL_PROMPTS))
+
+.PHONY: install test lint bench demo demo-model generate label train eval clean
 
 install: $(STAMP)
 
@@ -36,9 +60,43 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/generate.py
+	$(PY) benchmarks/train.py
+	$(PY) benchmarks/ingest.py
 
-generate: install
-	$(BIN)/prefpipe generate --model $(MODEL) --prompts $(PROMPTS) --per-prompt $(PER_PROMPT) --out $(WORKDIR)/candidates $(GEN_ARGS)
+# ---- the demo: base model -> generate -> label -> train -> eval, and the control with the opposite reward
+demo: install
+	$(MAKE) --no-print-directory eval SCORER=$(SCORER)
+	$(MAKE) --no-print-directory eval SCORER=$(CONTROL)
+	$(PREFPIPE) demo-headline --workdir $(WORKDIR) --scorer $(SCORER) --control $(CONTROL)
+
+demo-model: $(DEMO_MODEL)/model_index.json
+
+$(DEMO_MODEL)/model_index.json: | $(STAMP)
+	$(PREFPIPE) demo-model --out $(DEMO_MODEL) --prompts-out $(WORKDIR)/prompts $(DEMO_ARGS)
+
+$(WORKDIR)/prompts/train.txt $(WORKDIR)/prompts/held_out.txt: | $(STAMP)
+	$(PREFPIPE) demo-model --out $(DEMO_MODEL) --prompts-out $(WORKDIR)/prompts $(DEMO_ARGS)
+
+generate: $(CANDIDATES)/.complete
+label: $(LABELED)/pairs/ai/.complete
+train: $(RUN)/.complete
+eval: $(EVALDIR)/report.json
+
+$(CANDIDATES)/.complete: $(MODEL_DEP) $(PROMPTS_DEP) | $(STAMP)
+	$(PREFPIPE) generate --model $(MODEL) --prompts $(PROMPTS) --per-prompt $(PER_PROMPT) --out $(CANDIDATES) $(GEN_ARGS)
+	@touch $@
+
+$(LABELED)/pairs/ai/.complete: $(CANDIDATES)/.complete
+	$(PREFPIPE) label --scorer $(SCORER) --candidates $(CANDIDATES) --out $(LABELED) $(LABEL_ARGS)
+	@touch $@
+
+$(RUN)/.complete: $(LABELED)/pairs/ai/.complete
+	$(PREFPIPE) train --model $(MODEL) --pairs $(LABELED)/pairs/ai --workdir $(WORKDIR) --out $(RUN) --resume latest $(TRAIN_ARGS)
+	@touch $@
+
+$(EVALDIR)/report.json: $(RUN)/.complete $(EVAL_PROMPTS_DEP)
+	$(PREFPIPE) eval --base $(MODEL) --tuned $(RUN) --prompts $(EVAL_PROMPTS) --scorer $(SCORER) \
+	    --per-prompt $(EVAL_PER_PROMPT) --holdout $(LABELED)/pairs/ai --out $(EVALDIR) $(EVAL_ARGS)
 
 clean:
-	rm -rf work .pytest_cache
+	rm -rf work .pytest_cache test-artifacts

@@ -92,6 +92,8 @@ def _register_stage_commands() -> None:
         ("prefpipe.ingest", "ingest"),
         ("prefpipe.eval", "eval_command"),
         ("prefpipe.show", "show"),
+        ("prefpipe.headline", "demo_headline"),
+        ("prefpipe.demo", "demo_model"),
         ("trainer.cli", "train"),
     ):
         try:
