@@ -4,20 +4,10 @@ from __future__ import annotations
 
 import click
 
-from prefpipe.errors import PrefpipeError
+from prefpipe.errors import PrefpipeError, PrefpipeGroup
 
 
-class _Group(click.Group):
-    """Turns PrefpipeError (bad input) into a one-paragraph message and exit status 1, no traceback."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except PrefpipeError as e:
-            raise click.ClickException(str(e)) from e
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=PrefpipeGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="prefpipe")
 def main() -> None:
     """Align text-to-image diffusion models with preferences (Diffusion-DPO, D3PO).

@@ -56,7 +56,7 @@ import click
 import pyarrow as pa
 
 from prefpipe.dataset import ShardedDataset, fingerprint, parquet_files, rank_world
-from prefpipe.errors import PrefpipeError
+from prefpipe.errors import PrefpipeError, PrefpipeGroup
 from prefpipe.prompts import prompt_id
 from prefpipe.schema import PAIRS, check_columns, conform
 
@@ -1010,16 +1010,6 @@ def _finish(ds: ShardedDataset, stage: str, noun: str, counters: dict, wall: flo
 
 
 # -- CLI -------------------------------------------------------------------------------------------
-class _IngestGroup(click.Group):
-    """Bad input (PrefpipeError) becomes a one-paragraph message, also when this group runs on its own."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except PrefpipeError as e:
-            raise click.ClickException(str(e)) from e
-
-
 def _filter_options(f):
     drop_keep = click.Choice(["drop", "keep"])
     for decorator in reversed([
@@ -1039,7 +1029,7 @@ def _filter_options(f):
     return f
 
 
-@click.group(cls=_IngestGroup)
+@click.group(cls=PrefpipeGroup)
 def ingest() -> None:
     """Bring human preference datasets in as pairs (WORKDIR/pairs/human, the pairs schema)."""
 

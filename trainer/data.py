@@ -60,6 +60,7 @@ from torch import Tensor
 
 from prefpipe.dataset import fingerprint, input_fingerprint, parquet_files
 from prefpipe.errors import PrefpipeError
+from prefpipe.schema import check_columns
 from trainer.conditioning import PromptEmbeds, TextConditioner, time_ids
 
 log = logging.getLogger("prefpipe.train")
@@ -98,15 +99,7 @@ class Unit:
 def check_pairs_schema(path: Path) -> list[str]:
     """The columns to read from one pairs file; a PrefpipeError names a missing or mistyped column."""
     schema = pq.ParquetFile(path).schema_arrow
-    for name, types in REQUIRED_COLUMNS.items():
-        if name not in schema.names:
-            raise PrefpipeError(
-                f"{path}: column '{name}' is missing; a pairs dataset needs caption, jpg_0, jpg_1 (image bytes) "
-                f"and label_0 (columns present: {', '.join(schema.names)})"
-            )
-        got = schema.field(name).type
-        if not any(got.equals(t) for t in types):
-            raise PrefpipeError(f"{path}: column '{name}' has type {got}, expected {' or '.join(map(str, types[:2]))}")
+    check_columns(schema, REQUIRED_COLUMNS, f"{path} (a pairs dataset needs caption, jpg_0, jpg_1 and label_0)")
     return list(REQUIRED_COLUMNS) + [c for c in KEY_COLUMNS if c in schema.names]
 
 
