@@ -60,6 +60,7 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/generate.py
+	$(PY) benchmarks/label.py
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/ingest.py
 
