@@ -39,7 +39,7 @@ MODEL_DEP  := $(if $(filter $(DEMO_MODEL),$(MODEL)),$(DEMO_MODEL)/model_index.js
 PROMPTS_DEP := $(filter $(WORKDIR)/prompts/%,$(PROMPTS))
 EVAL_PROMPTS_DEP := $(filter $(WORKDIR)/prompts/%,$(EVAL_PROMPTS))
 
-.PHONY: install test lint bench demo demo-model generate label train eval clean
+.PHONY: install test lint bench demo demo-model generate label train eval d3po clean
 
 install: $(STAMP)
 
@@ -98,6 +98,15 @@ $(RUN)/.complete: $(LABELED)/pairs/ai/.complete
 $(EVALDIR)/report.json: $(RUN)/.complete $(EVAL_PROMPTS_DEP)
 	$(PREFPIPE) eval --base $(MODEL) --tuned $(RUN) --prompts $(EVAL_PROMPTS) --scorer $(SCORER) \
 	    --per-prompt $(EVAL_PER_PROMPT) --holdout $(LABELED)/pairs/ai --out $(EVALDIR) $(EVAL_ARGS)
+
+# ---- D3PO's online loop: ROUNDS of generate --trajectories -> label -> train --objective d3po, each
+# round sampling with the last round's LoRA (WORKDIR/d3po/round-k/{candidates,scores,pairs/ai,run})
+ROUNDS    ?= 3
+D3PO_ARGS ?= --train max-steps=40 --train learning-rate=1e-3 --train step-fraction=0.25
+
+d3po: $(MODEL_DEP) $(PROMPTS_DEP) | $(STAMP)
+	$(PREFPIPE) d3po-rounds --model $(MODEL) --prompts $(PROMPTS) --workdir $(WORKDIR)/d3po \
+	    --rounds $(ROUNDS) --scorer $(SCORER) --per-prompt $(PER_PROMPT) $(D3PO_ARGS)
 
 clean:
 	rm -rf work .pytest_cache test-artifacts

@@ -85,6 +85,7 @@ def _register_stage_commands() -> None:
         ("prefpipe.headline", "demo_headline"),
         ("prefpipe.demo", "demo_model"),
         ("trainer.cli", "train"),
+        ("trainer.d3po", "d3po_rounds"),
     ):
         try:
             mod = importlib.import_module(module)

@@ -13,10 +13,11 @@ from trainer.config import TrainConfig, click_options
 @click.command(context_settings={"max_content_width": 120})
 @click_options
 def train(**options) -> None:
-    """Train a LoRA (or the whole UNet) on preference pairs: Diffusion-DPO by default, or SFT.
+    """Train a LoRA (or the whole UNet) on preferences: Diffusion-DPO (default), SFT, hinge, IPO, or D3PO.
 
     \b
-    Data: --source ai|human (WORKDIR/pairs/...) and/or --pairs PATH (ours or Pick-a-Pic shards).
+    Data: --source ai|human (WORKDIR/pairs/...) and/or --pairs PATH (ours or Pick-a-Pic shards);
+    D3PO: --objective d3po --candidates TRAJECTORIES with --source/--pairs or --labels (D3PO's JSON files).
     Writes RUN/pytorch_lora_weights.safetensors (or RUN/unet with --full), checkpoints, metrics.jsonl,
     curves.png and train_config.json. Several processes: accelerate launch -m prefpipe train ...
     """

@@ -11,6 +11,10 @@ The arithmetic every run prints at start (ddpo-pytorch style)::
     effective batch = batch_size x gradient_accumulation x processes        (pairs per optimizer step)
     lr              = learning_rate x effective batch      with --scale-lr, else learning_rate
     max_steps       = epochs x (pairs // (batch_size x processes)) // gradient_accumulation   when not given
+
+D3PO (`--objective d3po`, trainer/d3po.py) trains on recorded trajectories: each optimizer step is
+``batch_size x processes x gradient_accumulation`` pairs, each at ``max(1, int(T x step_fraction))`` of its
+T recorded DDIM steps (one UNet micro-batch per step, as D3PO accumulates over timesteps).
 """
 
 from __future__ import annotations
@@ -48,12 +52,26 @@ class TrainConfig:
     )
     workdir: str = _opt(".", "Project work folder: --source reads WORKDIR/pairs/SOURCE; the default cache is WORKDIR/cache.")
     limit: int | None = _opt(None, "Use only the first N rows of the pairs (after concatenating the sources).", min=1)
+    candidates: str | None = _opt(
+        None, "d3po: the trajectories dataset (`prefpipe generate --trajectories`) that the pairs or --labels refer to."
+    )
+    labels: tuple[str, ...] = _opt(
+        (), "d3po: human labels in D3PO's format: a JSON list, per prompt of --candidates in order, of per-candidate "
+        "scores (higher preferred); a folder means its *.json files; several files (annotators) are averaged (repeatable)."
+    )
 
     # -- objective ---------------------------------------------------------------------------------------
     objective: Literal["dpo", "hinge", "ipo", "sft", "d3po"] = _opt(
         "dpo", "Objective from trainer/losses.py: dpo (Diffusion-DPO), hinge, ipo, sft (winners only); d3po needs trajectories."
     )
-    beta: float | None = _opt(None, "KL strength of dpo/hinge/ipo [default: the objective's own, 5000 for dpo].")
+    beta: float | None = _opt(None, "KL strength of dpo/hinge/ipo/d3po [default: the objective's own, 5000 for dpo, 0.1 for d3po].")
+    eps: float | None = _opt(
+        None, "d3po: each step's probability ratio (policy / reference) is clipped to [1 - eps, 1 + eps] [default: 0.1]."
+    )
+    step_fraction: float = _opt(
+        1.0, "d3po: fraction of each trajectory's steps trained per pair and epoch, drawn shuffled (D3PO's timestep_fraction).",
+        min=0.0, max=1.0,
+    )
 
     # -- data --------------------------------------------------------------------------------------------
     resolution: int | None = _opt(None, "Training image side in pixels (short side resized to it, then a square crop) [default: the model's native size].", min=8)
@@ -73,6 +91,10 @@ class TrainConfig:
 
     # -- model and adapters ------------------------------------------------------------------------------
     full: bool = _opt(False, "Fine-tune the whole UNet (the reference is a frozen copy) instead of LoRA adapters.")
+    init_from: str | None = _opt(
+        None, "Start from an earlier run's weights (its LoRA, or its UNet with --full), e.g. the last D3PO round; "
+        "the reference stays the base --model."
+    )
     lora_rank: int = _opt(8, "LoRA rank.", min=1)
     lora_alpha: float | None = _opt(None, "LoRA alpha (scale = alpha / rank) [default: the rank, scale 1].")
     lora_targets: str = _opt(
@@ -165,6 +187,8 @@ class TrainConfig:
                         raise PrefpipeError(f"--{cli_name(f.name)} {v}: choose one of {', '.join(choices)}")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise PrefpipeError(f"--lora-alpha {self.lora_alpha}: must be > 0")
+        if self.step_fraction <= 0:
+            raise PrefpipeError(f"--step-fraction {self.step_fraction}: must be > 0")
         if self.resolution is not None and self.resolution % 8:
             raise PrefpipeError(f"--resolution {self.resolution}: must be a multiple of 8 (the VAE downsamples by 8)")
 

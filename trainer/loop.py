@@ -8,7 +8,12 @@ Supports: SD 1.x/2.x and SDXL; epsilon and v-prediction; every denoising objecti
 `Objective` entry whether it needs the loser and the reference; LoRA (reference = the same UNet with its
 adapters disabled, no second copy) or full fine-tuning (reference = a frozen copy in the weight dtype);
 mixed precision, gradient checkpointing, AdamW or Adafactor, warm-up and schedule, gradient accumulation;
-one process or many (`accelerate launch`, GPUs or CPU processes); checkpoints and exact resume.
+one process or many (`accelerate launch`, GPUs or CPU processes); checkpoints and exact resume;
+`--init-from RUN` (start from an earlier run's weights; the reference stays the base model).
+
+`--objective d3po` (kind "log_prob": recorded sampler trajectories, not pairs of images) is handed over
+to `trainer/d3po.py`, which reuses the parts below `train` (accelerator, UNet and reference, optimizer,
+resume, the step loop, export) and brings its own data and micro-batch.
 
 Assumes: one square resolution; winner and loser share the noise and the timestep (the references do).
 
@@ -48,19 +53,21 @@ TRAIN_STATE = "trainer_state.json"
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) one training run. Returns a summary: steps, last metrics, data and cache counters."""
-    import numpy as np
     import torch
 
     # ---- 1. options that need no model ----------------------------------------------------------------
     cfg.validate()
     objective = get_objective(cfg.objective)
-    if objective.kind != "denoising":
+    if objective.kind == "log_prob":  # D3PO: recorded trajectories, its own data and micro-step
+        from trainer.d3po import train_d3po
+
+        return train_d3po(cfg, objective)
+    if cfg.candidates or cfg.labels or cfg.step_fraction != 1.0:
         raise PrefpipeError(
-            f"--objective {cfg.objective} trains on recorded sampler trajectories (`prefpipe generate "
-            "--trajectories`, then preferences over them); pairs datasets hold only final images. "
-            "Use --objective dpo, hinge, ipo or sft on pairs."
+            f"--candidates, --labels and --step-fraction are for --objective d3po (trajectories); "
+            f"--objective {cfg.objective} trains on pairs (--source / --pairs)"
         )
-    hyper = _hyperparameters(objective, cfg)
+    hyper = hyperparameters(objective, cfg)
     out = Path(cfg.out)
     from trainer.data import list_units, model_identity, prepare_data, sources_fingerprint
 
@@ -70,16 +77,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise PrefpipeError(f"no rows in the pairs datasets {', '.join(map(str, sources))}")
 
     # ---- 2. accelerator: one process or many ----------------------------------------------------------
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
-    trackers = "tensorboard" if any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")) else None
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),  # CPU processes under a launcher form one job only when asked
-        mixed_precision=cfg.mixed_precision,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-        log_with=trackers,
-    )
+    accelerator, trackers = make_accelerator(cfg, out)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     main = accelerator.is_main_process
     echo = (lambda msg: click.echo(msg, err=True)) if main else (lambda msg: None)
@@ -146,73 +144,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     effective_batch = cfg.batch_size * accum * world
     lr = cfg.learning_rate * (effective_batch if cfg.scale_lr else 1)
 
-    # ---- 5. the UNet to train, and the reference ------------------------------------------------------
-    from accelerate.utils import set_seed
-
-    set_seed(cfg.seed)  # the LoRA initialisation (A gaussian, B zero): the same in every process and run
-    unet.requires_grad_(False)
-    ref_unet = None
-    if cfg.full or cfg.reference_copy:
-        if objective.needs_reference:
-            ref_unet = copy.deepcopy(unet).to(device, weight_dtype).eval()
-    if cfg.full:
-        unet.requires_grad_(True)  # trainable weights stay float32; autocast runs the forward in weight_dtype
-    else:
-        from peft import LoraConfig
-
-        unet.to(weight_dtype)
-        unet.add_adapter(LoraConfig(
-            r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, init_lora_weights="gaussian",
-            target_modules=cfg.lora_target_modules(),
-        ))
-        for p in unet.parameters():  # LoRA B starts at zero: the policy equals the reference at step 0
-            if p.requires_grad:
-                p.data = p.data.float()
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    if not params:
-        raise PrefpipeError(f"--lora-targets {cfg.lora_targets}: no module of this UNet matches")
+    # ---- 5. the UNet to train (LoRA or full, optionally --init-from), and the reference ----------------
+    unet, ref_unet, params = prepare_unet(unet, cfg, objective, device, weight_dtype, family)
 
     # ---- 6. optimizer and schedule (stepped once per optimizer step) ----------------------------------
-    from diffusers.optimization import get_scheduler
-
-    if cfg.optimizer == "adafactor":
-        from transformers.optimization import Adafactor
-
-        optimizer = Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
-                              weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                 num_training_steps=max_steps)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler)
-    if not cfg.full:
-        _register_lora_checkpoint_hooks(accelerator, family)
+    unet, optimizer, lr_scheduler = make_optimizer(accelerator, unet, params, cfg, lr, max_steps, family)
 
     # ---- 7. resume --------------------------------------------------------------------------------------
-    start_step, nonfinite_total, nonfinite_run = 0, 0, 0
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / TRAIN_STATE).read_text())
-        start_step, nonfinite_total, nonfinite_run = state["step"], state["nonfinite_total"], state["nonfinite_run"]
-        if state.get("processes", world) != world:
-            echo(f"train: warning: {checkpoint} was written by {state['processes']} processes, this run has {world}: "
-                 "the effective batch and so the data order from here on differ from an uninterrupted run")
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        resolved = {"beta": hyper.get("beta"), "resolution": resolution, "lr": lr, "max_steps": max_steps,
-                    "effective_batch": effective_batch, "processes": world, "family": family,
-                    "prediction_type": prediction_type, "pairs": len(data), "cache": data.stats.get("cache")}
-        (out / "train_config.json").write_text(json.dumps({**cfg.to_json(), "resolved": resolved}, indent=2))
-        _truncate_metrics(out / "metrics.jsonl", start_step)
-    if trackers:
-        accelerator.init_trackers("prefpipe-train", config={k: str(v) for k, v in cfg.to_json().items()})
+    state = resume(accelerator, checkpoint, echo)
+    resolved = {"beta": hyper.get("beta"), "resolution": resolution, "lr": lr, "max_steps": max_steps,
+                "effective_batch": effective_batch, "processes": world, "family": family,
+                "prediction_type": prediction_type, "pairs": len(data), "cache": data.stats.get("cache")}
+    start_run_folder(accelerator, cfg, out, resolved, state["step"], trackers)
 
     # ---- 8. the plan ------------------------------------------------------------------------------------
+    start_step = state["step"]
     n_unet = sum(p.numel() for p in accelerator.unwrap_model(unet).parameters())
     n_train = sum(p.numel() for p in params)
     hyper_text = ", ".join(f"{k} {v:g}" for k, v in hyper.items())
@@ -230,33 +176,202 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         f"  memory: {_memory_plan(cfg, objective, n_train, n_unet, ref_unet, data, weight_dtype)}"
     )
 
-    # ---- 9. steps -------------------------------------------------------------------------------------
+    # ---- 9. steps: micro-batch m of this process -> the objective's loss ------------------------------
+    def micro_batch(m: int):
+        items, flips, epoch = order.micro_batch(m, rank)
+        generators = order.generators(m, rank)
+        batch = data.batch(items, flips, generators)
+        loss, metrics = _objective_step(
+            accelerator, unet, ref_unet, objective, hyper, batch, noise_scheduler, generators, device, weight_dtype
+        )
+        return loss, metrics, epoch
+
+    last, wall, state = run_steps(accelerator, unet, params, optimizer, lr_scheduler, cfg, out, state, max_steps,
+                                  micro_batches=accum, micro_batch=micro_batch, hint=f"--beta (now {hyper.get('beta', 'n/a')}) or ")
+
+    # ---- 10. export -------------------------------------------------------------------------------------
+    exported = finish_run(accelerator, unet, cfg, out, family)
+    steps_run = max_steps - start_step
+    summary = {
+        "steps": max_steps, "steps_run": steps_run, "wall_s": wall, "steps_per_s": steps_run / wall if wall else 0.0,
+        "last": last, "data": data.stats, "nonfinite_skipped": state["nonfinite_total"], "exported": str(exported),
+        "rank": rank, "world": world,
+    }
+    echo(
+        f"train: {steps_run} steps in {wall:.1f} s ({summary['steps_per_s']:.2f} steps/s); "
+        + (f"loss {last.get('loss', float('nan')):.4g}, implicit acc {last.get('implicit_acc', float('nan')):.3f}; " if last else "")
+        + f"{state['nonfinite_total']} non-finite steps skipped; wrote {exported}"
+    )
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------------
+# The parts every recipe shares (Diffusion-DPO/SFT above, D3PO in trainer/d3po.py)
+# --------------------------------------------------------------------------------------------------------
+
+
+def make_accelerator(cfg: TrainConfig, out: Path):
+    """The accelerator of a run (CPU processes when there is no GPU), and the tracker in use (or None)."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    trackers = "tensorboard" if any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")) else None
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # CPU processes under a launcher form one job only when asked
+        mixed_precision=cfg.mixed_precision,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        log_with=trackers,
+    )
+    return accelerator, trackers
+
+
+def prepare_unet(unet, cfg: TrainConfig, objective: Objective, device, weight_dtype, family: str):
+    """Make `unet` trainable: LoRA adapters (B = 0, so the policy starts as the reference) or every weight;
+    the reference (a frozen copy, only for --full or --reference-copy; otherwise the adapters are switched
+    off); then --init-from loads an earlier run's weights into the policy only. Returns (unet, ref_unet or
+    None, trainable params)."""
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)  # the LoRA initialisation (A gaussian, B zero): the same in every process and run
+    unet.requires_grad_(False)
+    ref_unet = None
+    if (cfg.full or cfg.reference_copy) and objective.needs_reference:
+        ref_unet = copy.deepcopy(unet).to(device, weight_dtype).eval()  # the base model, before --init-from
+    if cfg.full:
+        unet.requires_grad_(True)  # trainable weights stay float32; autocast runs the forward in weight_dtype
+    else:
+        from peft import LoraConfig
+
+        unet.to(weight_dtype)
+        unet.add_adapter(LoraConfig(
+            r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, init_lora_weights="gaussian",
+            target_modules=cfg.lora_target_modules(),
+        ))
+        for p in unet.parameters():  # LoRA B starts at zero: the policy equals the reference at step 0
+            if p.requires_grad:
+                p.data = p.data.float()
+    if cfg.init_from:
+        _load_init_weights(unet, cfg, family)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if not params:
+        raise PrefpipeError(f"--lora-targets {cfg.lora_targets}: no module of this UNet matches")
+    return unet, ref_unet, params
+
+
+def _load_init_weights(unet, cfg: TrainConfig, family: str) -> None:
+    """--init-from RUN: its LoRA into the (same-shaped) adapters, or with --full its UNet's weights."""
+    from trainer import export
+
+    run = Path(cfg.init_from)
+    if cfg.full:
+        folder = run / "unet" if (run / "unet" / "config.json").exists() else run
+        if not (folder / "config.json").exists():
+            raise PrefpipeError(f"--init-from {run}: no full-run UNet there (RUN/unet/config.json); drop --full for a LoRA run")
+        from diffusers import UNet2DConditionModel
+
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder).state_dict())
+        return
+    if not (run / export.LORA_FILE).exists():
+        raise PrefpipeError(f"--init-from {run}: no {export.LORA_FILE} there (a LoRA run of `prefpipe train`)")
+    saved = run / "train_config.json"
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        diffs = [f"--{k.replace('_', '-')} {old.get(k)}" for k in ("lora_rank", "lora_alpha", "lora_targets")
+                 if old.get(k) != getattr(cfg, k)]
+        if diffs:
+            raise PrefpipeError(f"--init-from {run}: its adapters have other shapes; train with {' '.join(diffs)}")
+    try:
+        export.load_lora(unet, run, family)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise PrefpipeError(f"--init-from {run}: its LoRA does not fit these adapters: {str(e).splitlines()[0]}") from e
+
+
+def make_optimizer(accelerator, unet, params, cfg: TrainConfig, lr: float, max_steps: int, family: str):
+    """AdamW or Adafactor over `params`, the lr schedule, both prepared (LoRA checkpoints hold the adapters)."""
+    import torch
+    from diffusers.optimization import get_scheduler
+
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        optimizer = Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                              weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                      eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=max_steps)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    if not cfg.full:
+        _register_lora_checkpoint_hooks(accelerator, family)
+    return unet, optimizer, lr_scheduler
+
+
+def resume(accelerator, checkpoint: Path | None, echo) -> dict[str, int]:
+    """Load a checkpoint (weights, optimizer, schedule, RNG); the loop's counters to continue from."""
+    state = {"step": 0, "nonfinite_total": 0, "nonfinite_run": 0}
+    if checkpoint is None:
+        return state
+    accelerator.load_state(str(checkpoint))
+    saved = json.loads((checkpoint / TRAIN_STATE).read_text())
+    state.update({k: saved[k] for k in state})
+    world = accelerator.num_processes
+    if saved.get("processes", world) != world:
+        echo(f"train: warning: {checkpoint} was written by {saved['processes']} processes, this run has {world}: "
+             "the effective batch and so the data order from here on differ from an uninterrupted run")
+    return state
+
+
+def start_run_folder(accelerator, cfg: TrainConfig, out: Path, resolved: dict, start_step: int, trackers) -> None:
+    """train_config.json (options + the numbers derived from them), metrics cut back to the checkpoint, trackers."""
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps({**cfg.to_json(), "resolved": resolved}, indent=2))
+        _truncate_metrics(out / "metrics.jsonl", start_step)
+    if trackers:
+        accelerator.init_trackers("prefpipe-train", config={k: str(v) for k, v in cfg.to_json().items()})
+
+
+def run_steps(accelerator, unet, params, optimizer, lr_scheduler, cfg: TrainConfig, out: Path, state: dict,
+              max_steps: int, *, micro_batches: int, micro_batch, hint: str = ""):
+    """Optimizer steps `state["step"]` .. `max_steps`: each sums the gradients of `micro_batches` calls
+    ``micro_batch(m) -> (loss, metrics, epoch)`` (m counts this process's micro-batches from the run's start;
+    each loss is divided by `micro_batches`), clips, steps, logs the mean metrics and checkpoints.
+
+    A non-finite loss in any process skips the step in all of them (no update); `cfg.max_nonfinite`
+    consecutive ones stop the run with a PrefpipeError (`hint` names the objective's knobs to lower).
+    Returns (last logged metrics, wall seconds, final state).
+    """
+    import numpy as np
+    import torch
     from tqdm.auto import tqdm
 
+    main, device = accelerator.is_main_process, accelerator.device
+    start_step, nonfinite_total, nonfinite_run = state["step"], state["nonfinite_total"], state["nonfinite_run"]
     bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step",
                disable=not main or cfg.no_progress, dynamic_ncols=True)
     window: list[dict[str, float]] = []
     last: dict[str, float] = {}
+    epoch = 0
     t_start = time.perf_counter()
     for step in range(start_step, max_steps):
         totals: dict[str, Any] = {}
         finite = True
-        for j in range(accum):
-            m = step * accum + j
-            items, flips, epoch = order.micro_batch(m, rank)
-            generators = order.generators(m, rank)
-            batch = data.batch(items, flips, generators)
-            sync = contextlib.nullcontext() if j == accum - 1 else accelerator.no_sync(unet)
+        for j in range(micro_batches):
+            sync = contextlib.nullcontext() if j == micro_batches - 1 else accelerator.no_sync(unet)
             with sync:
-                loss, metrics = _objective_step(
-                    accelerator, unet, ref_unet, objective, hyper, batch, noise_scheduler, generators, device, weight_dtype
-                )
+                loss, metrics, epoch = micro_batch(step * micro_batches + j)
                 finite = bool(accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min() > 0)
                 if not finite:  # every process sees the same flag: all skip together
                     break
-                accelerator.backward(loss / accum)
+                accelerator.backward(loss / micro_batches)
             for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + v.float() / accum
+                totals[k] = totals.get(k, 0.0) + v.float() / micro_batches
         if finite:
             if cfg.max_grad_norm > 0:
                 grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -297,38 +412,30 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             bar.close()
             raise PrefpipeError(
                 f"stopped at step {step + 1}: {nonfinite_run} consecutive steps had a non-finite loss "
-                f"({nonfinite_total} in all, each skipped). Lower --beta (now {hyper.get('beta', 'n/a')}) or "
-                f"--learning-rate (now {lr:g}), or train in higher precision (--mixed-precision bf16 or no "
+                f"({nonfinite_total} in all, each skipped). Lower {hint}"
+                f"--learning-rate (now {lr_scheduler.base_lrs[0]:g}), or train in higher precision (--mixed-precision bf16 or no "
                 f"instead of fp16, --vae-dtype fp32 or an fp16-fix --vae)."
             )
         bar.update(1)
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == max_steps:
             _save_checkpoint(accelerator, cfg, out, done, nonfinite_total, nonfinite_run)
     bar.close()
-    wall = time.perf_counter() - t_start
+    state = {"step": max_steps, "nonfinite_total": nonfinite_total, "nonfinite_run": nonfinite_run}
+    return last, time.perf_counter() - t_start, state
 
-    # ---- 10. export -------------------------------------------------------------------------------------
+
+def finish_run(accelerator, unet, cfg: TrainConfig, out: Path, family: str) -> Path | None:
+    """Export what diffusers loads (the LoRA file, or RUN/unet) and plot the curves; ends the trackers."""
     from trainer import export
 
     accelerator.wait_for_everyone()
     exported = None
-    if main:
+    if accelerator.is_main_process:
         trained = accelerator.unwrap_model(unet)
         exported = export.save_full_unet(trained, out) if cfg.full else export.save_lora(trained, out, family)
         plot_curves(out / "metrics.jsonl", out / "curves.png")
     accelerator.end_training()
-    steps_run = max_steps - start_step
-    summary = {
-        "steps": max_steps, "steps_run": steps_run, "wall_s": wall, "steps_per_s": steps_run / wall if wall else 0.0,
-        "last": last, "data": data.stats, "nonfinite_skipped": nonfinite_total, "exported": str(exported),
-        "rank": rank, "world": world,
-    }
-    echo(
-        f"train: {steps_run} steps in {wall:.1f} s ({summary['steps_per_s']:.2f} steps/s); "
-        + (f"loss {last.get('loss', float('nan')):.4g}, implicit acc {last.get('implicit_acc', float('nan')):.3f}; " if last else "")
-        + f"{nonfinite_total} non-finite steps skipped; wrote {exported}"
-    )
-    return summary
+    return exported
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -409,15 +516,19 @@ def adapters_disabled(unet):
 # --------------------------------------------------------------------------------------------------------
 
 
-def _hyperparameters(objective: Objective, cfg: TrainConfig) -> dict[str, float]:
-    """The objective's own defaults (e.g. beta 5000 for dpo), overridden by --beta."""
+def hyperparameters(objective: Objective, cfg: TrainConfig) -> dict[str, float]:
+    """The objective's own defaults (beta 5000 for dpo; beta 0.1, eps 0.1 for d3po), overridden by the
+    options of the same name (--beta, --eps)."""
     hyper = dict(objective.hyperparameters)
-    if cfg.beta is not None:
-        if "beta" not in hyper:
-            raise PrefpipeError(f"--beta: --objective {cfg.objective} has no beta")
-        if cfg.beta <= 0:
-            raise PrefpipeError(f"--beta {cfg.beta}: must be > 0")
-        hyper["beta"] = float(cfg.beta)
+    for name in ("beta", "eps"):
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if name not in hyper:
+            raise PrefpipeError(f"--{name}: --objective {cfg.objective} has no {name}")
+        if value <= 0 or (name == "eps" and value >= 1):
+            raise PrefpipeError(f"--{name} {value}: must be {'in (0, 1)' if name == 'eps' else '> 0'}")
+        hyper[name] = float(value)
     return hyper
 
 
@@ -461,7 +572,7 @@ def _check_run_folder(cfg: TrainConfig, out: Path, checkpoint: Path | None) -> N
         return
     if cfg.resume is None:
         raise PrefpipeError(f"--out {out} already holds a run; pass --resume latest to continue it, or choose a new --out")
-    old = json.loads(saved.read_text())
+    old = {**TrainConfig().to_json(), **json.loads(saved.read_text())}  # options added since count as defaults
     now = cfg.to_json()
     diffs = [f"{k}: run has {old.get(k)!r}, this call asks {now[k]!r}" for k in now
              if k not in RESUMABLE_CHANGES and old.get(k) != now[k]]
@@ -533,7 +644,8 @@ def _memory_plan(cfg: TrainConfig, objective: Objective, n_train: int, n_unet: i
 
 
 def plot_curves(metrics: Path, png: Path) -> None:
-    """Loss, implicit accuracy, reward margin, denoising errors and lr against the step (matplotlib Agg)."""
+    """Loss, implicit accuracy, reward margin, denoising errors (dpo) or probability ratios and clip fraction
+    (d3po), and lr against the step (matplotlib Agg)."""
     if not metrics.exists():
         return
     import matplotlib
@@ -546,7 +658,9 @@ def plot_curves(metrics: Path, png: Path) -> None:
     if not rows:
         return
     panels = [("loss", ["loss"]), ("implicit accuracy", ["implicit_acc"]), ("reward margin", ["reward_margin"]),
-              ("denoising MSE", ["mse_w", "mse_l", "ref_mse_w", "ref_mse_l"]), ("learning rate", ["lr"])]
+              ("denoising MSE", ["mse_w", "mse_l", "ref_mse_w", "ref_mse_l"]),
+              ("probability ratio (policy / reference)", ["ratio_w", "ratio_l"]), ("ratio clip fraction", ["clip_frac"]),
+              ("learning rate", ["lr"])]
     panels = [(t, [k for k in keys if k in rows[0]]) for t, keys in panels]
     panels = [(t, keys) for t, keys in panels if keys]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
