@@ -6,8 +6,36 @@ import click
 
 from prefpipe.errors import PrefpipeError, PrefpipeGroup
 
+# Stages that live in their own modules define their click command there; a command's module is imported
+# only when that command runs (or `--help` lists them all), so `prefpipe generate` never imports torch
+# through the trainer or the demo.
+LAZY_COMMANDS = {
+    "label": ("prefpipe.label", "label"),
+    "pairs": ("prefpipe.label", "pairs_command"),
+    "ingest": ("prefpipe.ingest", "ingest"),
+    "eval": ("prefpipe.eval", "eval_command"),
+    "show": ("prefpipe.show", "show"),
+    "demo-headline": ("prefpipe.headline", "demo_headline"),
+    "demo-model": ("prefpipe.demo", "demo_model"),
+    "train": ("trainer.cli", "train"),
+    "d3po-rounds": ("trainer.d3po", "d3po_rounds"),
+}
 
-@click.group(cls=PrefpipeGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+
+class _StageGroup(PrefpipeGroup):
+    def list_commands(self, ctx) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
+
+    def get_command(self, ctx, name):
+        if name in LAZY_COMMANDS:
+            import importlib
+
+            module, attr = LAZY_COMMANDS[name]
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_StageGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="prefpipe")
 def main() -> None:
     """Align text-to-image diffusion models with preferences (Diffusion-DPO, D3PO).
@@ -72,31 +100,6 @@ def tiny(kind, out, seed, size):
     click.echo(f"tiny {kind}: wrote {path}")
 
 
-def _register_stage_commands() -> None:
-    """Stages that live in their own packages define their click command there (imports stay lazy)."""
-    import importlib
-
-    for module, name in (
-        ("prefpipe.label", "label"),
-        ("prefpipe.label", "pairs_command"),
-        ("prefpipe.ingest", "ingest"),
-        ("prefpipe.eval", "eval_command"),
-        ("prefpipe.show", "show"),
-        ("prefpipe.headline", "demo_headline"),
-        ("prefpipe.demo", "demo_model"),
-        ("trainer.cli", "train"),
-        ("trainer.d3po", "d3po_rounds"),
-    ):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        main.add_command(getattr(mod, name))
-
-
-_register_stage_commands()
 
 if __name__ == "__main__":
     main()
