@@ -542,6 +542,7 @@ def train_d3po(cfg: TrainConfig, objective: Objective) -> dict[str, Any]:
         resume,
         run_steps,
         start_run_folder,
+        step_plan,
     )
 
     # ---- 1. options, preferences and their trajectories (no model needed) -----------------------------
@@ -591,13 +592,8 @@ def train_d3po(cfg: TrainConfig, objective: Objective) -> dict[str, Any]:
     from trainer.data import PairOrder
 
     order = PairOrder(len(data), cfg.batch_size, world, cfg.seed)
-    if order.per_epoch == 0:
-        raise PrefpipeError(f"{len(data)} training pairs are fewer than one batch across processes "
-                            f"(--batch-size {cfg.batch_size} x {world} processes); lower --batch-size")
     accum = cfg.gradient_accumulation
-    max_steps = cfg.max_steps or max(1, cfg.epochs * order.per_epoch // accum)
-    effective_batch = cfg.batch_size * accum * world
-    lr = cfg.learning_rate * (effective_batch if cfg.scale_lr else 1)
+    max_steps, effective_batch, lr = step_plan(cfg, order, len(data), world)
 
     # ---- 4. the UNet (adapters; --init-from loads the last round's LoRA into them), reference, optimizer --
     unet, ref_unet, params = prepare_unet(unet, cfg, objective, device, weight_dtype, family)

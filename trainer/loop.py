@@ -134,15 +134,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             f"all dropped ({describe_drops(data.stats)})"
         )
     order = PairOrder(len(data), cfg.batch_size, world, cfg.seed, cfg.random_flip)
-    if order.per_epoch == 0:
-        raise PrefpipeError(
-            f"{len(data)} training pairs are fewer than one batch across processes "
-            f"(--batch-size {cfg.batch_size} x {world} processes); lower --batch-size"
-        )
     accum = cfg.gradient_accumulation
-    max_steps = cfg.max_steps or max(1, cfg.epochs * order.per_epoch // accum)
-    effective_batch = cfg.batch_size * accum * world
-    lr = cfg.learning_rate * (effective_batch if cfg.scale_lr else 1)
+    max_steps, effective_batch, lr = step_plan(cfg, order, len(data), world)
 
     # ---- 5. the UNet to train (LoRA or full, optionally --init-from), and the reference ----------------
     unet, ref_unet, params = prepare_unet(unet, cfg, objective, device, weight_dtype, family)
@@ -310,6 +303,19 @@ def make_optimizer(accelerator, unet, params, cfg: TrainConfig, lr: float, max_s
     if not cfg.full:
         _register_lora_checkpoint_hooks(accelerator, family)
     return unet, optimizer, lr_scheduler
+
+
+def step_plan(cfg: TrainConfig, order, n_pairs: int, world: int) -> tuple[int, int, float]:
+    """(optimizer steps, effective batch = pairs per optimizer step, learning rate after --scale-lr)."""
+    if order.per_epoch == 0:
+        raise PrefpipeError(
+            f"{n_pairs} training pairs are fewer than one batch across processes "
+            f"(--batch-size {cfg.batch_size} x {world} processes); lower --batch-size"
+        )
+    accum = cfg.gradient_accumulation
+    max_steps = cfg.max_steps or max(1, cfg.epochs * order.per_epoch // accum)
+    effective_batch = cfg.batch_size * accum * world
+    return max_steps, effective_batch, cfg.learning_rate * (effective_batch if cfg.scale_lr else 1)
 
 
 def resume(accelerator, checkpoint: Path | None, echo) -> dict[str, int]:
