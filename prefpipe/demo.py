@@ -1,29 +1,33 @@
 """The demo's base model: a tiny SD 1.5 trained from scratch, here, on images it draws itself.
 
 No hub is reachable, and random weights generate nothing a preference could be learnt from, so the demo
-trains its own text-to-image model of the real SD 1.5 architecture in a few minutes on CPU:
+trains its own text-to-image model of the SD 1.5 architecture in a few minutes on CPU:
 
-    draw images ──train VAE──▶ VAE ──encode once──▶ latent cache ─┐
-    captions ──frozen random CLIP text encoder──▶ embedding cache ─┴─train UNet──▶ pipeline folder + metrics
+    draw images ──train VAE──▶ VAE ──encode once──▶ latent cache ──┐
+    captions ──tokenize once──▶ ids ──▶ text encoder (trained jointly) ┴─train UNet──▶ pipeline folder + metrics
 
 **The drawn world.** 32 px images of a coloured shape (circle, square, triangle; random size and place)
 on a coloured background; the caption names the three ("a red circle on a blue background"). The
-background's *texture* (flat, striped, checkered, noisy; random period, angle, amplitude) is never named,
-so at a fixed caption the JPEG size varies from about 0.85 to 1.7 kB: the spread that the
-compressibility reward (`labelers/compressibility.py`) ranks, and that Diffusion-DPO can then move.
+background's *texture* (flat, striped, checkered, noisy; random orientation, phase, contrast) is never
+named, so at a fixed caption the JPEG size varies from about 0.75 to 1.5 kB: the spread that the
+compressibility reward (`labelers/compressibility.py`) ranks and Diffusion-DPO can move. Textures sit on
+the 4 px grid of the latent cells, which a small VAE can keep (finer noise came back blurred).
 
 **The model.** The real classes, saved in the real format, loadable by `prefpipe.models.load_pipeline`
-and `DiffusionPipeline.from_pretrained`: `AutoencoderKL` with 3 blocks (downsampling x4, so 32 px images
-have 8x8x4 latents, `pipe.vae_scale_factor` 4 and `unet.config.sample_size` 8 give a 32 px default),
-`UNet2DConditionModel` with cross-attention, a frozen randomly initialised 2-layer `CLIPTextModel` on the
-real CLIP tokenizer, and SD 1.5's own noise schedule (scaled_linear, 1000 steps, epsilon prediction),
-sampled with DDIM.
+and `DiffusionPipeline.from_pretrained`: `AutoencoderKL` with 3 blocks (downsampling x4: 32 px images have
+8x8x4 latents; `pipe.vae_scale_factor` 4 and `unet.config.sample_size` 8 make 32 px the default size),
+`UNet2DConditionModel` with cross-attention, a 2-layer `CLIPTextModel` on the real CLIP tokenizer, a DDIM
+sampler. Departures from SD 1.5's recipe, each because the budget demanded it (measured, see the record):
 
-**Speed.** The VAE trains first (log-variance initialised small, a gradient term so that it keeps
-texture); the drawn images are then encoded once into latent moments, and the caption vocabulary through
-the frozen text encoder once, so the UNet trains on cached tensors only. Caption dropout (10%) to the empty
-prompt lets classifier-free guidance work. Min-SNR loss weighting and an EMA of the UNet help the few
-hundred steps that fit the budget.
+- noise schedule DDPM's `linear` with `v_prediction` and `trailing` DDIM steps (not `scaled_linear` and
+  epsilon): see `noise_scheduler_config`; with SD's, samples took their background colour from the seed.
+- the text encoder trains jointly with the UNet (as in LDM's text-to-image model); a frozen random one
+  left the prompt ignored for hundreds of steps.
+
+**Speed.** The VAE trains first (log-variance initialised small; gradient and texture-energy terms so that
+it keeps texture); the drawn images are then encoded once into latent moments and the captions tokenised
+once, so the UNet step touches cached tensors only. Caption dropout (10%) to the empty prompt lets
+classifier-free guidance work; Min-SNR loss weights and a short EMA help the few hundred steps.
 
 **The cache.** `OUT/prefpipe_demo.json` records the config, the losses, the timings and the measured
 quality (JPEG-size correlation between drawn images and their VAE reconstructions; colour accuracy of
@@ -265,11 +269,12 @@ class DemoConfig:
     vae_texture_weight: float = 1.0  # L1 on texture energy: keeps stripes, checks and noise (the JPEG size)
     vae_kl_weight: float = 1e-6
     vae_logvar_init: float = -6.0  # posterior std exp(-3) at the start: texture survives sampling
-    # frozen random CLIP text encoder
+    # CLIP text encoder, random at the start
     text_hidden: int = 64
     text_layers: int = 2
+    train_text_encoder: bool = True  # jointly, as LDM did; frozen random: prompts are learnt far slower
     # UNet: 8x8 -> 4x4 -> 2x2
-    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_channels: tuple[int, ...] = (32, 64, 128)  # (64, 128, 128) measured no better at 350 steps, 1.7x slower
     unet_heads: int = 2
     unet_pooled_text: bool = False
     steps_unet: int = 400
@@ -278,11 +283,12 @@ class DemoConfig:
     caption_dropout: float = 0.1  # empty prompt instead: classifier-free guidance works at sampling
     min_snr_gamma: float = 5.0
     schedule: str = "linear"  # noise schedule, see noise_scheduler_config
+    prediction_type: str = "v_prediction"  # or "epsilon"; see train_unet
     ema_decay: float = 0.95  # short: an EMA over ~20 steps smooths without lagging a 400-step run
     # measuring (recorded in prefpipe_demo.json)
     eval_images_per_prompt: int = 4
     eval_steps: int = 20
-    eval_guidance: float = 5.0
+    eval_guidance: float = 3.0  # 3: colours as good as at 5-7.5, more texture spread within a prompt
     eval_reconstructions: int = 256
 
     def __post_init__(self) -> None:
@@ -442,12 +448,10 @@ def build_text_encoder(cfg: DemoConfig):
     return CLIPTextModel(_text_config(cfg.text_hidden, cfg.text_layers, cfg.text_hidden)).eval().requires_grad_(False)
 
 
-@torch.no_grad()
-def embed_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-    """(P, 77, hidden) last hidden states, exactly as StableDiffusionPipeline.encode_prompt computes them."""
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return text_encoder(ids)[0]
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """(P, 77) token ids, padded as StableDiffusionPipeline.encode_prompt pads them."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
 
 
 def build_unet(cfg: DemoConfig):
@@ -491,16 +495,18 @@ def noise_scheduler_config(cfg: DemoConfig) -> dict:
         schedule.update(beta_schedule="squaredcos_cap_v2")
     elif cfg.schedule != "scaled_linear":
         raise PrefpipeError(f"schedule {cfg.schedule!r}: choose linear, cosine or scaled_linear")
-    return dict(schedule, prediction_type="epsilon", clip_sample=False, timestep_spacing="trailing")
+    return dict(schedule, prediction_type=cfg.prediction_type, clip_sample=False, timestep_spacing="trailing")
 
 
-def train_unet(unet, latents: tuple[torch.Tensor, torch.Tensor], combos: torch.Tensor, embeds: torch.Tensor,
-               uncond: torch.Tensor, cfg: DemoConfig, progress: bool = True, callback=None):
-    """Train on cached latents; returns (the EMA UNet, or `unet` when EMA is off; the logged loss curve).
+def train_unet(unet, text_encoder, latents: tuple[torch.Tensor, torch.Tensor], combos: torch.Tensor,
+               prompt_ids: torch.Tensor, cfg: DemoConfig, progress: bool = True, callback=None):
+    """Train on cached latents; returns (unet, text_encoder, the logged loss curve), the EMA weights if on.
 
     latents: (mean, std) of shape (N, 4, 8, 8), already multiplied by the scaling factor; combos: (N,)
-    index into `embeds` (P, 77, hidden); uncond: (1, 77, hidden), the empty prompt's embedding.
-    `callback(step, model)`, if given, is called after every step with the model that would be returned.
+    index into `prompt_ids` (P + 1, 77), the token ids of every caption with the empty prompt last (the
+    caption-dropout target). With `train_text_encoder` the encoder trains jointly, as in LDM's
+    text-to-image model, and the P + 1 embeddings are recomputed each step (cheap: 2 layers); otherwise
+    they are computed once. `callback(step, unet, text_encoder)` is called after every step.
     """
     import copy
 
@@ -510,41 +516,57 @@ def train_unet(unet, latents: tuple[torch.Tensor, torch.Tensor], combos: torch.T
     scheduler = DDPMScheduler(**noise_scheduler_config(cfg))
     alphas = scheduler.alphas_cumprod
     snr = alphas / (1 - alphas)
-    weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr if cfg.min_snr_gamma else torch.ones_like(snr)
-    gen = torch.Generator().manual_seed(cfg.seed + 2)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr_unet, weight_decay=1e-2)
+    v_pred = cfg.prediction_type == "v_prediction"
+    # Min-SNR-gamma weights (Hang et al. 2023), in the form for each target
+    if cfg.min_snr_gamma:
+        weight = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1 if v_pred else snr)
+    else:
+        weight = torch.ones_like(snr)
+    model = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
+    text_encoder.requires_grad_(cfg.train_text_encoder)
+    groups = [{"params": list(unet.parameters()), "weight_decay": 1e-2}]
+    if cfg.train_text_encoder:  # no decay: it would shrink every token the captions never use
+        groups.append({"params": list(text_encoder.parameters()), "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr_unet)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, cfg.steps_unet))
-    ema = copy.deepcopy(unet).requires_grad_(False) if cfg.ema_decay else None
+    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay else None
+    fixed = None
+    if not cfg.train_text_encoder:
+        with torch.no_grad():
+            fixed = text_encoder(prompt_ids)[0]
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
     log = _LossLog(cfg.steps_unet)
     mean, std = latents
-    unet.train()
+    model.train()
     bar = tqdm(range(cfg.steps_unet), desc="demo-model: UNet", disable=not progress, dynamic_ncols=True)
     for step in bar:
         idx = torch.randint(0, len(mean), (cfg.batch_size,), generator=gen)
         z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)
-        cond = embeds[combos[idx]]
         drop = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
-        cond = torch.where(drop[:, None, None], uncond, cond)
+        embeds = fixed if fixed is not None else text_encoder(prompt_ids)[0]
+        cond = embeds[torch.where(drop, len(prompt_ids) - 1, combos[idx])]
         noise = torch.randn(z.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
         pred = unet(scheduler.add_noise(z, noise, t), t, cond).sample
-        loss = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        target = scheduler.get_velocity(z, noise, t) if v_pred else noise
+        loss = ((pred - target) ** 2).mean(dim=(1, 2, 3))
         loss = (loss * weight[t]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         opt.step()
         sched.step()
         if ema is not None:
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
-                torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - decay)
+                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
         bar.set_postfix(loss=f"{log.add(loss.item()):.4f}")
         if callback is not None:
-            callback(step + 1, ema if ema is not None else unet)
-            unet.train()
-    model = ema if ema is not None else unet
-    return model.eval(), log.close()
+            done = (ema if ema is not None else model).eval()
+            callback(step + 1, done["unet"], done["text_encoder"])
+            model.train()
+    done = (ema if ema is not None else model).eval().requires_grad_(False)
+    return done["unet"], done["text_encoder"], log.close()
 
 
 def assemble_pipeline(vae, text_encoder, unet, cfg: DemoConfig):
@@ -696,13 +718,13 @@ def build_demo_model(cfg: DemoConfig, out: str | Path, *, progress: bool = True,
     vae.register_to_config(scaling_factor=scaling)
     text_encoder = build_text_encoder(cfg)
     pipe = assemble_pipeline(vae, text_encoder, build_unet(cfg), cfg)
-    embeds = embed_prompts(pipe.tokenizer, text_encoder, [caption(*c) for c in combinations()])
-    uncond = embed_prompts(pipe.tokenizer, text_encoder, [""])
+    prompt_ids = tokenize(pipe.tokenizer, [caption(*c) for c in combinations()] + [""])
     times["encode"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    pipe.unet, unet_curve = train_unet(pipe.unet, (mean * scaling, std * scaling), torch.from_numpy(drawn.combos),
-                                       embeds, uncond, cfg, progress)
+    pipe.unet, pipe.text_encoder, unet_curve = train_unet(
+        pipe.unet, text_encoder, (mean * scaling, std * scaling), torch.from_numpy(drawn.combos), prompt_ids, cfg, progress
+    )
     times["unet"] = time.perf_counter() - t
 
     t = time.perf_counter()
