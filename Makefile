@@ -41,7 +41,7 @@ MODEL_DEP  := $(if $(filter $(DEMO_MODEL),$(MODEL)),$(DEMO_MODEL)/model_index.js
 PROMPTS_DEP := $(filter $(WORKDIR)/prompts/%,$(PROMPTS))
 EVAL_PROMPTS_DEP := $(filter $(WORKDIR)/prompts/%,$(EVAL_PROMPTS))
 
-.PHONY: install test lint bench demo demo-model generate label train eval d3po clean
+.PHONY: install test lint bench demo demo-model generate label train eval d3po d3po-eval d3po-demo clean
 
 install: $(STAMP)
 
@@ -65,6 +65,7 @@ bench: install
 	$(PY) benchmarks/label.py
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/ingest.py
+	$(PY) benchmarks/d3po.py
 
 # ---- the demo: base model -> generate -> label -> train -> eval, and the control with the opposite reward
 # After the shared candidates, the two arms (SCORER and CONTROL: label, train, eval) run side by side, each
@@ -111,13 +112,33 @@ $(EVALDIR)/report.json: $(RUN)/.complete $(EVAL_PROMPTS_DEP)
 	    --per-prompt $(EVAL_PER_PROMPT) --holdout $(LABELED)/pairs/ai --out $(EVALDIR) $(EVAL_ARGS)
 
 # ---- D3PO's online loop: ROUNDS of generate --trajectories -> label -> train --objective d3po, each
-# round sampling with the last round's LoRA (WORKDIR/d3po/round-k/{candidates,scores,pairs/ai,run})
+# round sampling with the last round's LoRA (D3PO_DIR/round-k/{candidates,scores,pairs/ai,run}).
+# `make d3po-demo` runs it for SCORER and for CONTROL side by side and evaluates every round against the
+# base on the held-out prompts (D3PO_DIR/eval), then prints the same headline as `make demo`.
+D3PO_DIR  = $(WORKDIR)/d3po-$(SCORER)
 ROUNDS    ?= 3
-D3PO_ARGS ?= --train max-steps=40 --train learning-rate=1e-3 --train step-fraction=0.25
+D3PO_ARGS ?= --per-prompt 4 --steps 20 --guidance 2 --batch-size 64 --no-progress --train max-steps=40 \
+             --train batch-size=8 --train learning-rate=3e-3 --train step-fraction=0.5
+ROUND_RUNS = $(foreach k,$(shell seq 1 $(ROUNDS)),round-$(k)=$(D3PO_DIR)/round-$(k)/run)
 
 d3po: $(MODEL_DEP) $(PROMPTS_DEP) | $(STAMP)
-	$(PREFPIPE) d3po-rounds --model $(MODEL) --prompts $(PROMPTS) --workdir $(WORKDIR)/d3po \
-	    --rounds $(ROUNDS) --scorer $(SCORER) --per-prompt $(PER_PROMPT) $(D3PO_ARGS)
+	$(PREFPIPE) d3po-rounds --model $(MODEL) --prompts $(PROMPTS) --workdir $(D3PO_DIR) \
+	    --rounds $(ROUNDS) --scorer $(SCORER) $(D3PO_ARGS)
+
+d3po-eval: d3po $(EVAL_PROMPTS_DEP)
+	$(PREFPIPE) eval --base $(MODEL) $(addprefix --tuned ,$(ROUND_RUNS)) --prompts $(EVAL_PROMPTS) \
+	    $(addprefix --scorer ,$(EVAL_SCORERS)) --per-prompt $(EVAL_PER_PROMPT) \
+	    --holdout $(D3PO_DIR)/round-1/pairs/ai --out $(D3PO_DIR)/eval $(EVAL_ARGS)
+
+d3po-demo: install
+	$(MAKE) --no-print-directory $(MODEL_DEP) $(PROMPTS_DEP) $(EVAL_PROMPTS_DEP)
+	$(MAKE) --no-print-directory -j2 d3po-arm-$(SCORER) d3po-arm-$(CONTROL)
+	$(PREFPIPE) demo-headline --workdir $(WORKDIR) --scorer $(SCORER) --control $(CONTROL) \
+	    --reports 'd3po-{run}/eval' --tuned round-$(ROUNDS) --method D3PO $(HEADLINE_ARGS)
+
+d3po-arm-%:
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(MAKE) --no-print-directory d3po-eval SCORER=$* \
+	    EVAL_SCORERS="$* $(filter-out $*,$(SCORER) $(CONTROL))"
 
 clean:
 	rm -rf work .pytest_cache test-artifacts

@@ -734,7 +734,7 @@ def run_rounds(
         run = folder / "run"
         if not (run / LORA_FILE).exists():
             cfg = TrainConfig(model=model, out=str(run), workdir=str(folder), source=("ai",), candidates=str(candidates),
-                              objective="d3po", init_from=previous, **options)
+                              objective="d3po", init_from=previous, **{"no_progress": not progress, **options})
             if (run / "train_config.json").exists():
                 cfg.resume = "latest"  # an interrupted round continues from its last checkpoint
             train(cfg)
