@@ -531,6 +531,7 @@ def describe_drops(counts: dict[str, int]) -> str:
 def train_d3po(cfg: TrainConfig, objective: Objective) -> dict[str, Any]:
     """Run (or resume) one D3PO training run (`prefpipe train --objective d3po`); the summary as `train`'s."""
     from trainer.loop import (
+        SUMMARY_METRICS,
         _check_run_folder,
         _find_checkpoint,
         adapters_disabled,
@@ -541,6 +542,7 @@ def train_d3po(cfg: TrainConfig, objective: Objective) -> dict[str, Any]:
         prepare_unet,
         resume,
         run_steps,
+        run_summary,
         start_run_folder,
         step_plan,
     )
@@ -654,19 +656,8 @@ def train_d3po(cfg: TrainConfig, objective: Objective) -> dict[str, Any]:
 
     # ---- 7. export: the same LoRA file (or UNet) as Diffusion-DPO runs --------------------------------
     exported = finish_run(accelerator, unet, cfg, out, family)
-    steps_run = max_steps - start_step
-    summary = {
-        "steps": max_steps, "steps_run": steps_run, "wall_s": wall, "steps_per_s": steps_run / wall if wall else 0.0,
-        "last": last, "data": data.counts, "nonfinite_skipped": state["nonfinite_total"], "exported": str(exported),
-        "rank": rank, "world": world,
-    }
-    echo(
-        f"train: {steps_run} steps in {wall:.1f} s ({summary['steps_per_s']:.2f} steps/s); "
-        + (f"loss {last.get('loss', float('nan')):.4g}, implicit acc {last.get('implicit_acc', float('nan')):.3f}, "
-           f"clip frac {last.get('clip_frac', float('nan')):.3f}; " if last else "")
-        + f"{state['nonfinite_total']} non-finite steps skipped; wrote {exported}"
-    )
-    return summary
+    return run_summary(max_steps, start_step, wall, last, data.counts, state, exported, rank, world, echo,
+                       SUMMARY_METRICS + (("clip_frac", "clip frac", ".3f"),))
 
 
 # ------------------------------------------------------------------------------------------------------

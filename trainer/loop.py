@@ -184,18 +184,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     # ---- 10. export -------------------------------------------------------------------------------------
     exported = finish_run(accelerator, unet, cfg, out, family)
-    steps_run = max_steps - start_step
-    summary = {
-        "steps": max_steps, "steps_run": steps_run, "wall_s": wall, "steps_per_s": steps_run / wall if wall else 0.0,
-        "last": last, "data": data.stats, "nonfinite_skipped": state["nonfinite_total"], "exported": str(exported),
-        "rank": rank, "world": world,
-    }
-    echo(
-        f"train: {steps_run} steps in {wall:.1f} s ({summary['steps_per_s']:.2f} steps/s); "
-        + (f"loss {last.get('loss', float('nan')):.4g}, implicit acc {last.get('implicit_acc', float('nan')):.3f}; " if last else "")
-        + f"{state['nonfinite_total']} non-finite steps skipped; wrote {exported}"
-    )
-    return summary
+    return run_summary(max_steps, start_step, wall, last, data.stats, state, exported, rank, world, echo)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -442,6 +431,26 @@ def finish_run(accelerator, unet, cfg: TrainConfig, out: Path, family: str) -> P
         plot_curves(out / "metrics.jsonl", out / "curves.png")
     accelerator.end_training()
     return exported
+
+
+SUMMARY_METRICS = (("loss", "loss", ".4g"), ("implicit_acc", "implicit acc", ".3f"))
+
+
+def run_summary(max_steps: int, start_step: int, wall: float, last: dict, data_counts, state: dict, exported,
+                rank: int, world: int, echo, metrics=SUMMARY_METRICS) -> dict[str, Any]:
+    """The summary `train` returns, and its one-line report of the last step's `metrics` (key, label, format)."""
+    steps_run = max_steps - start_step
+    summary = {
+        "steps": max_steps, "steps_run": steps_run, "wall_s": wall, "steps_per_s": steps_run / wall if wall else 0.0,
+        "last": last, "data": data_counts, "nonfinite_skipped": state["nonfinite_total"], "exported": str(exported),
+        "rank": rank, "world": world,
+    }
+    shown = ", ".join(f"{label} {last.get(key, float('nan')):{fmt}}" for key, label, fmt in metrics) + "; " if last else ""
+    echo(
+        f"train: {steps_run} steps in {wall:.1f} s ({summary['steps_per_s']:.2f} steps/s); {shown}"
+        f"{state['nonfinite_total']} non-finite steps skipped; wrote {exported}"
+    )
+    return summary
 
 
 # --------------------------------------------------------------------------------------------------------
