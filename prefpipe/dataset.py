@@ -216,21 +216,28 @@ class ShardedDataset:
         try:
             yield writer
             writer.close()
+            # The unit's counters go into the manifest *before* its shard appears: a kill in between leaves
+            # an entry without a shard, which stats() ignores and the re-run of the unit overwrites. (After
+            # the rename, a kill would leave a finished shard whose counters were never recorded.)
+            with self._locked_manifest() as m:
+                if not m:
+                    self._init_manifest(m)
+                m["runtime"] = self.runtime
+                m.setdefault("units", {})[final.name] = {"rows": writer.rows, **writer.stats}
             os.replace(tmp, final)  # atomic: the shard appears whole or not at all
         except BaseException:
             writer.abort()
             raise
         with self._locked_manifest() as m:
-            if not m:
-                self._init_manifest(m)
-            m["runtime"] = self.runtime
-            m.setdefault("units", {})[final.name] = {"rows": writer.rows, **writer.stats}
             m["complete"] = all(self.is_done(u) for u in range(self.n_units))
 
     def stats(self) -> dict[str, int]:
-        """Counters summed over finished units (rows written, and each stage's own counters)."""
+        """Counters summed over finished units (rows written, and each stage's own counters): units whose
+        shard exists, so the entry of a unit killed before its rename does not count."""
         total: dict[str, int] = {}
-        for unit_stats in self.manifest().get("units", {}).values():
+        for name, unit_stats in self.manifest().get("units", {}).items():
+            if not (self.folder / name).exists():
+                continue
             for k, v in unit_stats.items():
                 if isinstance(v, (int, float)):
                     total[k] = total.get(k, 0) + v

@@ -43,6 +43,37 @@ def test_finished_units_are_skipped_and_recorded(tmp_path):
     assert ds.stats() == {"rows": 6, "dropped_bad": 3}
 
 
+def test_a_kill_between_recording_a_unit_and_its_rename_counts_it_once_after_the_rerun(tmp_path, monkeypatch):
+    import prefpipe.dataset as dataset_module
+
+    real_replace = dataset_module.os.replace
+
+    def dies_at_the_shard_rename(src, dst):
+        if str(dst).endswith(".parquet"):
+            raise KeyboardInterrupt("killed")
+        return real_replace(src, dst)
+
+    ds = _ds(tmp_path).open()
+    with ds.write_unit(0) as w:
+        w.write(_rows(0))
+        w.count("dropped_bad", 1)
+    monkeypatch.setattr(dataset_module.os, "replace", dies_at_the_shard_rename)
+    with pytest.raises(KeyboardInterrupt), ds.write_unit(1) as w:
+        w.write(_rows(1))
+        w.count("dropped_bad", 5)
+    monkeypatch.setattr(dataset_module.os, "replace", real_replace)
+    # the unit's counters were recorded, its shard never appeared: it is pending and not counted
+    assert "train-00001-of-00003.parquet" in read_manifest(tmp_path)["units"]
+    assert ds.pending() == [1, 2]
+    assert ds.stats() == {"rows": 2, "dropped_bad": 1}
+    for u in (1, 2):  # the re-run
+        with ds.write_unit(u) as w:
+            w.write(_rows(u))
+            w.count("dropped_bad", 5 if u == 1 else 0)
+    assert ds.stats() == {"rows": 6, "dropped_bad": 6}
+    assert read_manifest(tmp_path)["complete"] is True
+
+
 def test_a_failing_unit_leaves_no_shard_and_no_temporary_file(tmp_path):
     ds = _ds(tmp_path).open()
     with pytest.raises(RuntimeError), ds.write_unit(0) as w:
