@@ -54,11 +54,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps hpsv2x==1.2.0 clint==0.5.1
 	@touch $@
 
-test: install
+test: install lint
 	$(BIN)/pytest -q
 
+# ruff, and the layer rule of docs/architecture.md (import-linter contracts in pyproject.toml)
 lint: install
 	$(BIN)/ruff check prefpipe labelers trainer tests benchmarks
+	$(BIN)/lint-imports
 
 bench: install
 	$(PY) benchmarks/generate.py
@@ -88,7 +90,7 @@ $(DEMO_MODEL)/model_index.json: | $(STAMP)
 	$(PREFPIPE) demo-model --out $(DEMO_MODEL) $(DEMO_ARGS)
 
 $(WORKDIR)/prompts/train.txt $(WORKDIR)/prompts/held_out.txt &: | $(STAMP)
-	$(PY) -c "from prefpipe.demo import write_demo_prompts; write_demo_prompts('$(WORKDIR)/prompts')"
+	$(PY) -c "from prefpipe.demo.world import write_demo_prompts; write_demo_prompts('$(WORKDIR)/prompts')"
 
 generate: $(CANDIDATES)/.complete
 label: $(LABELED)/pairs/ai/.complete

@@ -55,12 +55,13 @@ def main() -> None:
     import polars as pl
     import torch
 
-    from prefpipe.dataset import parquet_files
-    from prefpipe.generate import GenerateOptions, decode_trajectory, generate
-    from prefpipe.label import build_pair_dataset, score_candidates
-    from prefpipe.pairs import PairOptions
+    from prefpipe.core.dataset import parquet_files
+    from prefpipe.core.trajectory import decode_trajectory
+    from prefpipe.stages.generate import GenerateOptions, generate
+    from prefpipe.stages.label import build_pair_dataset, score_candidates
+    from prefpipe.stages.pairs import PairOptions
     from trainer.config import TrainConfig
-    from trainer.loop import train
+    from trainer.recipes import train
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -68,7 +69,7 @@ def main() -> None:
     try:
         model = args.model
         if model is None:
-            from prefpipe.tiny import write_tiny_pipeline
+            from prefpipe.testing.tiny import write_tiny_pipeline
 
             model = str(write_tiny_pipeline("sd15", work / "tiny-sd15"))
         prompts = work / "prompts.txt"

@@ -39,10 +39,10 @@ def main() -> None:
 
     import torch
 
-    from prefpipe.generate import GenerateOptions, generate, image_seed, parse_size
+    from prefpipe.core.prompts import read_prompts
     from prefpipe.models import load_pipeline
-    from prefpipe.prompts import read_prompts
-    from prefpipe.tiny import write_tiny_pipeline
+    from prefpipe.stages.generate import GenerateOptions, generate, image_seed, parse_size
+    from prefpipe.testing.tiny import write_tiny_pipeline
 
     work = Path(tempfile.mkdtemp(prefix="prefpipe-bench-"))
     model = args.model or str(write_tiny_pipeline("sd15", work / "tiny-sd15"))

@@ -49,7 +49,7 @@ def child(mode: str, data: str, out: str) -> dict:
     """One measurement in this (fresh) process; returns rows, wall seconds and peak RSS."""
     import pyarrow.parquet as pq
 
-    from prefpipe.dataset import parquet_files
+    from prefpipe.core.dataset import parquet_files
 
     files = parquet_files(data)
     if mode.startswith("ingest") or mode == "import":  # imports are not part of the timed work
@@ -57,7 +57,7 @@ def child(mode: str, data: str, out: str) -> dict:
         import PIL.Image  # noqa: F401
         import tqdm.auto  # noqa: F401
 
-        import prefpipe.ingest  # noqa: F401
+        import prefpipe.stages.ingest  # noqa: F401
     t0 = time.perf_counter()
     rows = 0
     if mode == "import":
@@ -74,7 +74,8 @@ def child(mode: str, data: str, out: str) -> dict:
             if writer is not None:
                 writer.close()
     else:
-        from prefpipe.ingest import IngestOptions, ingest_pickapic
+        from prefpipe.stages.ingest.options import IngestOptions
+        from prefpipe.stages.ingest.pickapic import ingest_pickapic
 
         verify = mode.split()[1]
         counters = ingest_pickapic(data, out, IngestOptions(verify_images=verify), progress=False, rank=0, world=1)

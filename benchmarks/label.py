@@ -28,9 +28,9 @@ def drawn_candidates(folder: Path, n: int, side: int) -> Path:
     import pyarrow as pa
     from PIL import Image
 
-    from prefpipe.dataset import ShardedDataset
-    from prefpipe.prompts import prompt_id
-    from prefpipe.schema import CANDIDATES
+    from prefpipe.core.dataset import ShardedDataset
+    from prefpipe.core.prompts import prompt_id
+    from prefpipe.core.schema import CANDIDATES
 
     rng = np.random.default_rng(0)
     rows = []
@@ -58,13 +58,14 @@ def main() -> None:
     ap.add_argument("--real", action="store_true", help="use the real hub checkpoints instead of tiny ones")
     args = ap.parse_args()
 
-    from labelers.tiny import write_tiny_scorer
-    from prefpipe.label import load_scorers, score_candidates
+    from prefpipe.stages.label import score_candidates
+    from prefpipe.stages.scoring import load_scorers
+    from prefpipe.testing.scorers import write_tiny_scorer
 
     work = Path(tempfile.mkdtemp(prefix="prefpipe-bench-label-"))
     cands = drawn_candidates(work / "candidates", args.images, args.side)
     weights = {} if args.real else {k: str(write_tiny_scorer(k, work / k)) for k in SCORERS if k != "compressibility"}
-    scorers = load_scorers(SCORERS, weights, args.batch_size, "auto", None)
+    scorers = load_scorers(SCORERS, weights, batch_size=args.batch_size, device="auto")
     by_name = {s.name: s for s in scorers}
     score_candidates(cands, work / "warm", SCORERS, weights, batch_size=args.batch_size, progress=False, scorers=scorers)
 
@@ -89,7 +90,7 @@ def main() -> None:
         import polars as pl
         from PIL import Image
 
-        from prefpipe.dataset import parquet_files
+        from prefpipe.core.dataset import parquet_files
 
         df = pl.read_parquet(parquet_files(cands))
         images = [Image.open(io.BytesIO(b)).convert("RGB") for b in df["image"]]
@@ -122,9 +123,9 @@ def _hpsv2_reference(work: Path, tiny_weights: str | None):
         return img_score.score, None
     from hpsv2.src.open_clip import factory
 
-    from labelers.tiny import TINY_OPEN_CLIP_H
+    from prefpipe.testing.scorers import TINY_OPEN_CLIP_H
 
-    factory._MODEL_CONFIGS["prefpipe-tiny-ViT-H-14"] = json.loads(json.dumps(TINY_OPEN_CLIP_H))
+    factory._MODEL_CONFIGS["prefpipe-tiny-ViT-H-14"] = json.loads(json.dumps(TINY_OPEN_CLIP_H))  # noqa: SLF001 - the reference package has no public way to register an architecture
     real_create = img_score.create_model_and_transforms
     img_score.create_model_and_transforms = lambda name, pretrained, **kw: real_create("prefpipe-tiny-ViT-H-14", None, **kw)
     img_score.model_dict = {}

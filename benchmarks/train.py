@@ -51,7 +51,7 @@ def _write_pairs(folder: Path, n: int, size: int) -> Path:
     import pyarrow.parquet as pq
     from PIL import Image, ImageDraw
 
-    from prefpipe.schema import PAIRS, conform
+    from prefpipe.core.schema import PAIRS, conform
 
     rng = random.Random(0)
     colours = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
@@ -79,23 +79,19 @@ def child(args: argparse.Namespace) -> None:
     import psutil
     import torch
 
-    import trainer.loop
     from trainer.config import TrainConfig
+    from trainer.recipes import train
 
     if args.threads:
         torch.set_num_threads(args.threads)
     proc = psutil.Process()
     state = {"steps_started": None, "rss_steps": 0}
-    original = trainer.loop._objective_step
 
-    def marked(*a, **kw):  # the first micro-batch marks the start of the steps
-        if state["steps_started"] is None:
-            state["steps_started"] = time.perf_counter()
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-        return original(*a, **kw)
+    def steps_start():  # the first step marks the start of the measured steps
+        state["steps_started"] = time.perf_counter()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
 
-    trainer.loop._objective_step = marked
     stop = threading.Event()
 
     def sample():
@@ -112,7 +108,7 @@ def child(args: argparse.Namespace) -> None:
         vae_dtype=args.vae_dtype, lora_rank=args.lora_rank, seed=0, **VARIANTS[args.child],
     )
     t0 = time.perf_counter()
-    summary = trainer.loop.train(cfg)
+    summary = train(cfg, on_steps_start=steps_start)
     total = time.perf_counter() - t0
     stop.set()
     losses = [json.loads(line).get("loss") for line in (Path(args.out) / "metrics.jsonl").read_text().splitlines()]
@@ -161,7 +157,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="prefpipe-bench-train-"))
     try:
         if args.model is None:
-            from prefpipe.tiny import write_tiny_pipeline
+            from prefpipe.testing.tiny import write_tiny_pipeline
 
             args.model = str(write_tiny_pipeline("sd15", work / "tiny-sd15"))
         size = args.image_size or args.resolution or 64

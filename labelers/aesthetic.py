@@ -20,7 +20,7 @@ from PIL import Image
 
 from labelers.base import TorchScorer, hub_file, is_local, require_hub_id
 from labelers.clip import load_open_clip
-from prefpipe.errors import PrefpipeError
+from prefpipe.core.errors import PrefpipeError
 
 MLP_FILENAME = "sac+logos+ava1-l14-linearMSE.pth"
 DEFAULT_WEIGHTS = (

@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
-from prefpipe.errors import PrefpipeError
+from prefpipe.core.errors import PrefpipeError
 
 
 @runtime_checkable
@@ -38,41 +38,6 @@ def check_inputs(images: list[Image.Image], prompts: list[str]) -> None:
     """Stop with a clear message when images and prompts do not pair up one to one."""
     if len(images) != len(prompts):
         raise PrefpipeError(f"got {len(images)} images but {len(prompts)} prompts: pass one prompt per image")
-
-
-def resolve_device(device: str = "auto"):
-    """'auto' -> cuda when available, else cpu; anything else is passed to torch.device."""
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-_DTYPES = {
-    "fp32": "float32",
-    "float32": "float32",
-    "float": "float32",
-    "fp16": "float16",
-    "float16": "float16",
-    "half": "float16",
-    "bf16": "bfloat16",
-    "bfloat16": "bfloat16",
-}
-
-
-def resolve_dtype(dtype, device):
-    """None -> float16 on CUDA, float32 elsewhere; accepts torch dtypes or names ('fp16', 'bfloat16', ...)."""
-    import torch
-
-    if dtype is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = _DTYPES.get(str(dtype).lower())
-    if name is None:
-        raise PrefpipeError(f"unknown dtype {dtype!r}: use one of fp32, fp16, bf16")
-    return getattr(torch, name)
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -132,6 +97,11 @@ class TorchScorer(ABC):
         if batch_size < 1:
             raise PrefpipeError(f"batch_size must be at least 1, got {batch_size}")
         self.batch_size = batch_size
+        from prefpipe.core.devices import (  # torch, imported when a scorer is built
+            resolve_device,
+            resolve_dtype,
+        )
+
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
 

@@ -18,7 +18,7 @@ from typing import Literal
 from PIL import Image
 
 from labelers.base import TorchScorer, drop_alpha, from_pretrained, is_local, load_clip_processing, projected
-from prefpipe.errors import PrefpipeError
+from prefpipe.core.errors import PrefpipeError
 
 DEFAULT_WEIGHTS = "ViT-H-14"
 DEFAULT_PRETRAINED = "laion2b_s32b_b79k"

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from labelers.base import check_inputs
-from prefpipe.errors import PrefpipeError
+from prefpipe.core.errors import PrefpipeError
 
 QUALITY = 95
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from PIL import Image
 
 from labelers.base import TorchScorer, hub_file, is_local, require_hub_id
-from prefpipe.errors import PrefpipeError
+from prefpipe.core.errors import PrefpipeError
 
 DEFAULT_WEIGHTS = "xswu/HPSv2"
 DEFAULT_ARCH = "ViT-H-14"

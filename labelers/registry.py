@@ -10,7 +10,7 @@ import importlib
 from pathlib import Path
 
 from labelers.base import Scorer
-from prefpipe.errors import PrefpipeError
+from prefpipe.core.errors import PrefpipeError
 
 # name -> (module, class). Each class takes `weights` first, then `batch_size`, `device`, `dtype`.
 SCORERS: dict[str, tuple[str, str]] = {
@@ -45,3 +45,18 @@ def build_scorer(name: str, weights: str | Path | None = None, **kwargs) -> Scor
     JPEG scorers).
     """
     return scorer_class(name)(weights=weights, **kwargs)
+
+
+def parse_weights(items: tuple[str, ...] | list[str], scorers: list[str]) -> dict[str, str]:
+    """`--weights SCORER=PATH_OR_HUB_ID` items -> {scorer: location}; every SCORER must be among `scorers`."""
+    out = {}
+    for item in items:
+        name, sep, location = item.partition("=")
+        if not sep or not name or not location:
+            raise PrefpipeError(
+                f"--weights {item}: write SCORER=PATH_OR_HUB_ID (a local path or hub id), e.g. pickscore=models/pickscore"
+            )
+        if name not in scorers:
+            raise PrefpipeError(f"--weights {item}: '{name}' is not one of the --scorer names ({', '.join(scorers)})")
+        out[name] = location
+    return out

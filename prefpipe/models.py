@@ -7,14 +7,13 @@ or `unet=RUN` (a UNet2DConditionModel folder replacing the base UNet).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
-import torch
+from prefpipe.core.devices import resolve_device, resolve_dtype
+from prefpipe.core.errors import PrefpipeError
 
-from prefpipe.errors import PrefpipeError
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OFFLOAD = ("none", "model", "sequential")
 # --scheduler names -> diffusers classes (built from the pipeline's own scheduler config)
 SCHEDULERS = {
@@ -25,32 +24,6 @@ SCHEDULERS = {
     "pndm": "PNDMScheduler",
     "ddpm": "DDPMScheduler",
 }
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    """`auto`: this process's CUDA device (LOCAL_RANK under a launcher), else MPS, else CPU."""
-    if device != "auto":
-        try:
-            dev = torch.device(device)
-        except RuntimeError as e:
-            raise PrefpipeError(f"--device {device}: not a torch device ({e})") from e
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise PrefpipeError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-        return dev
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto`: fp16 on a GPU, fp32 on CPU (half precision on CPU is slow and lossy)."""
-    if dtype == "auto":
-        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
-    if dtype not in DTYPES:
-        raise PrefpipeError(f"--dtype {dtype}: choose one of auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def _looks_local(model: str) -> bool:
@@ -90,8 +63,8 @@ def load_pipeline(
 
     quiet_libraries()
     source = resolve_model(model)
-    dev = pick_device(device)
-    torch_dtype = pick_dtype(dtype, dev)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
     kwargs: dict = {"dtype": torch_dtype}
     index = Path(source) / "model_index.json"
     if index.exists() and '"safety_checker"' in index.read_text():
@@ -106,12 +79,10 @@ def load_pipeline(
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         ) from e
     if unet is not None:
-        from diffusers import UNet2DConditionModel
-
-        unet_dir = Path(unet) / "unet" if (Path(unet) / "unet" / "config.json").exists() else Path(unet)
-        if not (unet_dir / "config.json").exists():
+        unet_dir = unet_folder(unet)
+        if unet_dir is None:
             raise PrefpipeError(f"--unet {unet}: no UNet2DConditionModel folder (config.json) there")
-        pipe.unet = UNet2DConditionModel.from_pretrained(unet_dir, dtype=torch_dtype)
+        pipe.unet = load_unet(unet_dir, torch_dtype)
     if lora is not None:
         if not Path(lora).exists():
             raise PrefpipeError(f"--lora {lora}: no such folder or file")
@@ -134,6 +105,33 @@ def load_pipeline(
     pipe.set_progress_bar_config(disable=True)
     pipe.prefpipe_device = dev
     return pipe
+
+
+def _is_unet_folder(folder: Path) -> bool:
+    config = folder / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        cls = json.loads(config.read_text()).get("_class_name", "")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+    return "UNet" in str(cls)
+
+
+def unet_folder(run: str | Path) -> Path | None:
+    """The UNet folder of a full run (`RUN/unet`, or RUN itself holding a UNet's config.json); None if neither."""
+    run = Path(run)
+    for folder in (run / "unet", run):
+        if _is_unet_folder(folder):
+            return folder
+    return None
+
+
+def load_unet(folder: str | Path, dtype=None):
+    """A `UNet2DConditionModel` from a folder written by `save_pretrained` (safetensors)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(folder, **({"dtype": dtype} if dtype is not None else {}))
 
 
 def set_scheduler(pipe, name: str) -> None:

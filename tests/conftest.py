@@ -34,14 +34,14 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: in
 
 @pytest.fixture(scope="session")
 def tiny_sd15(tmp_path_factory) -> Path:
-    from prefpipe.tiny import write_tiny_pipeline
+    from prefpipe.testing.tiny import write_tiny_pipeline
 
     return write_tiny_pipeline("sd15", tmp_path_factory.mktemp("models") / "tiny-sd15")
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> Path:
-    from prefpipe.tiny import write_tiny_pipeline
+    from prefpipe.testing.tiny import write_tiny_pipeline
 
     return write_tiny_pipeline("sdxl", tmp_path_factory.mktemp("models") / "tiny-sdxl")
 

@@ -14,21 +14,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from prefpipe.dataset import parquet_files, read_manifest
-from prefpipe.errors import PrefpipeError
+from prefpipe.core.dataset import parquet_files, read_manifest
+from prefpipe.core.errors import PrefpipeError
 from tests.conftest import run_cli
 from trainer.config import TrainConfig
-from trainer.d3po import (
-    DDIMArgs,
-    TrajectoryPairs,
-    candidate_prompts,
-    load_trajectory_pairs,
-    read_candidates,
-    read_d3po_labels,
-    step_log_prob,
-    write_label_sheet,
-)
-from trainer.loop import adapters_disabled, train
+from trainer.data.preferences import load_trajectory_pairs, read_d3po_labels, write_label_sheet
+from trainer.data.trajectories import TrajectoryPairs, candidate_prompts, read_candidates
+from trainer.recipes import train
+from trainer.recipes.d3po import DDIMArgs, step_log_prob
+from trainer.unet import adapters_disabled
 
 PROMPTS = ["a red box", "a blue ball", "a green tree", "a yellow cat"]
 PER_PROMPT, STEPS, GUIDANCE = 3, 4, 3.0
@@ -45,8 +39,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
     """A 32 px tiny SD 1.5, 4 prompts x 3 candidates sampled with trajectories, and `prefpipe label` pairs."""
-    from prefpipe.generate import GenerateOptions, generate
-    from prefpipe.tiny import write_tiny_pipeline
+    from prefpipe.stages.generate import GenerateOptions, generate
+    from prefpipe.testing.tiny import write_tiny_pipeline
 
     root = tmp_path_factory.mktemp("d3po")
     model = write_tiny_pipeline("sd15", root / "model", size=32)
@@ -117,7 +111,7 @@ def test_recorded_steps_replay_as_draws_of_the_guided_ddim_gaussian(world):
             u, c = pipe.unet(torch.cat([lat[k : k + 1]] * 2), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
         eps = u + GUIDANCE * (c - u)
         mean = pipe.scheduler.step(eps, t, lat[k : k + 1], eta=1.0, variance_noise=torch.zeros_like(eps)).prev_sample
-        std = pipe.scheduler._get_variance(t, t - 1000 // STEPS).sqrt()  # eta 1; the last step uses final_alpha_cumprod
+        std = pipe.scheduler._get_variance(t, t - 1000 // STEPS).sqrt()  # noqa: SLF001 - diffusers' own variance as the reference; eta 1, the last step uses final_alpha_cumprod
         expected = torch.distributions.Normal(mean, std).log_prob(lat[k + 1 : k + 2]).mean()
         assert base[0, k].item() == pytest.approx(expected.item(), abs=1e-4)
 
@@ -239,7 +233,7 @@ def test_d3po_label_files_are_averaged_over_annotators_and_train(world, tmp_path
 
 
 def test_pairs_must_be_two_candidates_of_one_prompt_sharing_the_initial_noise(world, tmp_path):
-    from prefpipe.generate import decode_trajectory, encode_trajectory
+    from prefpipe.core.trajectory import decode_trajectory, encode_trajectory
 
     pairs = pq.read_table(parquet_files(world["workdir"] / "pairs" / "ai")[0])
     rows = pairs.to_pylist()
@@ -300,7 +294,7 @@ def test_options_of_the_other_recipe_are_refused_with_a_message(world, tmp_path)
 
 
 def test_two_rounds_sample_with_the_last_rounds_lora_and_continue_from_it(world, tmp_path):
-    from trainer.d3po import d3po_rounds
+    from prefpipe.stages.rounds import d3po_rounds
 
     work = tmp_path / "rounds"
     args = ["--model", str(world["model"]), "--prompts", str(world["prompts"]), "--workdir", str(work),

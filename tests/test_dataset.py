@@ -5,7 +5,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from prefpipe.dataset import (
+from prefpipe.core.dataset import (
     MANIFEST,
     ShardedDataset,
     iter_batches,
@@ -13,8 +13,8 @@ from prefpipe.dataset import (
     read_manifest,
     row_group_units,
 )
-from prefpipe.errors import PrefpipeError
-from prefpipe.schema import SCORES
+from prefpipe.core.errors import PrefpipeError
+from prefpipe.core.schema import SCORES
 
 
 def _ds(folder, n_units=3, **options):
@@ -44,7 +44,7 @@ def test_finished_units_are_skipped_and_recorded(tmp_path):
 
 
 def test_a_kill_between_recording_a_unit_and_its_rename_counts_it_once_after_the_rerun(tmp_path, monkeypatch):
-    import prefpipe.dataset as dataset_module
+    import prefpipe.core.dataset as dataset_module
 
     real_replace = dataset_module.os.replace
 

@@ -10,20 +10,17 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from prefpipe.demo import (
+from prefpipe.demo.build import RECORD, build_demo_model, demo_model, read_record
+from prefpipe.demo.model import QUICK
+from prefpipe.demo.world import (
     COLOURS,
-    QUICK,
-    RECORD,
     SHAPES,
     TEXTURES,
-    build_demo_model,
     caption,
     colour_accuracy,
-    demo_model,
     demo_prompts,
     draw_dataset,
     draw_image,
-    read_record,
     write_demo_prompts,
 )
 
@@ -62,8 +59,8 @@ def test_quick_model_trains_and_its_losses_go_down(quick_model):
 
 
 def test_quick_model_loads_through_load_pipeline_and_generates_32px_images(quick_model, tmp_path):
-    from prefpipe.generate import GenerateOptions, generate
     from prefpipe.models import load_pipeline, model_family
+    from prefpipe.stages.generate import GenerateOptions, generate
 
     out, _, _ = quick_model
     pipe = load_pipeline(str(out), device="cpu")
@@ -77,7 +74,7 @@ def test_quick_model_loads_through_load_pipeline_and_generates_32px_images(quick
     assert counters["images"] == 4
     import polars as pl
 
-    from prefpipe.dataset import parquet_files
+    from prefpipe.core.dataset import parquet_files
 
     df = pl.read_parquet(parquet_files(tmp_path / "cands"))
     assert set(df["width"]) == {32} and set(df["height"]) == {32}

@@ -1,5 +1,5 @@
-"""The eval stage and the pairs gallery: win-rate arithmetic on hand-made tables, holdout, run detection,
-lazy pair sampling, and an end-to-end eval of a tiny base against tiny tuned runs (LoRA and UNet)."""
+"""The eval stage: win-rate arithmetic on hand-made tables, holdout, run detection, and an end-to-end eval
+of a tiny base against tiny tuned runs (LoRA and UNet). The pairs gallery (`prefpipe show`) is in test_show.py."""
 
 import io
 import json
@@ -13,18 +13,29 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from prefpipe import eval as ev
-from prefpipe.dataset import parquet_files
-from prefpipe.errors import PrefpipeError
-from prefpipe.prompts import prompt_id
-from prefpipe.schema import PAIRS, conform
-from prefpipe.show import agreement, sample_locations, sample_pairs, write_gallery
-from prefpipe.stats import Z95
+import prefpipe.stages.eval as ev
+from labelers.registry import parse_weights
+from prefpipe.core.dataset import parquet_files
+from prefpipe.core.errors import PrefpipeError
+from prefpipe.core.prompts import prompt_id
+from prefpipe.core.schema import PAIRS, conform
+from prefpipe.core.stats import Z95
+from prefpipe.stages.eval.compare import (
+    RESULT_KEYS,
+    compare,
+    headline,
+    select_checkpoints,
+    summarize,
+    win_counts,
+)
+from prefpipe.stages.eval.prompts import prepare_prompts
+from prefpipe.stages.eval.runs import parse_tuned
+from trainer.export import LORA_FILE
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-# -- helpers (also used by test_report_browser.py) ----------------------------------------------
+# -- helpers (also used by test_show.py and test_report_browser.py) -----------------------------
 def make_lora_run(base, out, seed: int = 0):
     """A `prefpipe train`-shaped LoRA run: non-zero adapters (outputs differ from base) + metrics.jsonl."""
     import peft
@@ -88,7 +99,7 @@ def write_pairs(folder, rows, extra: dict | None = None, row_group_size: int = 2
 
 # -- win rate and interval ----------------------------------------------------------------------
 def wilson_by_roots(points, n, z=Z95):
-    """Wilson bounds as the roots p of (p_hat - p)^2 = z^2 p (1 - p) / n (independent of prefpipe.stats)."""
+    """Wilson bounds as the roots p of (p_hat - p)^2 = z^2 p (1 - p) / n (independent of prefpipe.core.stats)."""
     ph = points / n
     a, b, c = 1 + z * z / n, -(2 * ph + z * z / n), ph * ph
     return sorted(float(r.real) for r in np.roots([a, b, c]))
@@ -97,20 +108,20 @@ def wilson_by_roots(points, n, z=Z95):
 def test_win_rate_counts_ties_as_half_with_a_wilson_interval():
     base = [1.0, 2.0, 3.0, 4.0, 5.0]
     tuned = [2.0, 2.0, 1.0, 5.0, 5.0]  # win, tie, loss, win, tie
-    assert ev.win_counts(base, tuned) == (2, 2, 1)
-    stat = ev.compare(base, tuned)
+    assert win_counts(base, tuned) == (2, 2, 1)
+    stat = compare(base, tuned)
     assert stat["n"] == 5 and stat["win_rate"] == pytest.approx(3 / 5)
     assert stat["win_rate_ci"] == pytest.approx(wilson_by_roots(3, 5), abs=1e-9)
     assert stat["base_mean"] == pytest.approx(3.0) and stat["tuned_mean"] == pytest.approx(3.0)
     assert stat["base_median"] == 3.0 and stat["tuned_median"] == 2.0 and stat["median_diff"] == -1.0
     # lower is better: wins and losses swap, ties stay
-    low = ev.compare(base, tuned, higher_is_better=False)
+    low = compare(base, tuned, higher_is_better=False)
     assert (low["wins"], low["ties"], low["losses"]) == (1, 2, 2) and low["win_rate"] == pytest.approx(2 / 5)
     # all ties: exactly even
-    even = ev.compare([1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0])
+    even = compare([1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0])
     assert even["win_rate"] == 0.5 and even["win_rate_ci"] == pytest.approx(wilson_by_roots(2, 4), abs=1e-9)
     # many comparisons: the interval narrows around the rate
-    many = ev.compare(np.zeros(400), np.r_[np.ones(300), -np.ones(100)])
+    many = compare(np.zeros(400), np.r_[np.ones(300), -np.ones(100)])
     assert many["win_rate"] == 0.75
     assert many["win_rate_ci"] == pytest.approx(wilson_by_roots(300, 400), abs=1e-9)
 
@@ -129,8 +140,8 @@ def test_summary_pairs_images_by_prompt_and_seed_and_selects_the_best_median():
             rows.append((model, p, c, "up", v))
             rows.append((model, p, c, "down", -v))  # a lower-is-better scorer carrying the same ranking
     rows.append(("t1", "r", 0, "up", 100.0))  # no base partner: not compared
-    results = ev.summarize(long_scores(rows), ["t1", "t2"], {"up": True, "down": False})
-    assert [tuple(r) for r in results] == [tuple(ev.RESULT_KEYS)] * 4
+    results = summarize(long_scores(rows), ["t1", "t2"], {"up": True, "down": False})
+    assert [tuple(r) for r in results] == [tuple(RESULT_KEYS)] * 4
     by = {(r["scorer"], r["tuned"]): r for r in results}
     r = by[("up", "t1")]
     assert (r["n"], r["wins"], r["ties"], r["losses"]) == (4, 2, 1, 1)
@@ -140,10 +151,10 @@ def test_summary_pairs_images_by_prompt_and_seed_and_selects_the_best_median():
     assert r["n_prompts"] == 2 and r["prompt_win_rate"] == 0.5
     assert by[("down", "t1")]["win_rate"] == pytest.approx(2.5 / 4)  # same ranking, sign handled
     assert by[("up", "t2")]["win_rate"] == 0.75 and by[("down", "t2")]["mean_diff"] == pytest.approx(-(27 - 10) / 4)
-    sel = ev.select_checkpoints(results)
+    sel = select_checkpoints(results)
     assert sel["up"]["best"] == "t2" and sel["up"]["medians"] == {"t1": 2.25, "t2": 9.0}
     assert sel["down"]["best"] == "t2" and sel["down"]["best_beats_base"]
-    line = ev.headline(results, ["up", "down"])
+    line = headline(results, ["up", "down"])
     assert "t1 beats base 62.5%" in line and "t2 beats base 75.0%" in line
 
 
@@ -151,7 +162,7 @@ def test_summary_pairs_images_by_prompt_and_seed_and_selects_the_best_median():
 def test_tuned_runs_are_detected_named_and_checked(tmp_path):
     lora = tmp_path / "a" / "final"
     lora.mkdir(parents=True)
-    (lora / ev.LORA_FILE).write_bytes(b"")
+    (lora / LORA_FILE).write_bytes(b"")
     (tmp_path / "a" / "metrics.jsonl").write_text("{}\n")
     unet = tmp_path / "b" / "final"
     (unet / "unet").mkdir(parents=True)
@@ -159,22 +170,22 @@ def test_tuned_runs_are_detected_named_and_checked(tmp_path):
     bare_unet = tmp_path / "bare"
     bare_unet.mkdir()
     (bare_unet / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
-    runs = ev.parse_tuned([str(lora), str(unet), f"mine={bare_unet}"])
+    runs = parse_tuned([str(lora), str(unet), f"mine={bare_unet}"])
     assert [(r.name, r.kind) for r in runs] == [("a-final", "lora"), ("b-final", "unet"), ("mine", "unet")]
     assert runs[0].metrics == str(tmp_path / "a" / "metrics.jsonl") and runs[1].metrics is None
     empty = tmp_path / "run"
     (empty / "checkpoint-100").mkdir(parents=True)
     with pytest.raises(PrefpipeError, match="checkpoint-100"):
-        ev.parse_tuned([str(empty)])
+        parse_tuned([str(empty)])
     with pytest.raises(PrefpipeError, match="no such folder"):
-        ev.parse_tuned([str(tmp_path / "missing")])
+        parse_tuned([str(tmp_path / "missing")])
     with pytest.raises(PrefpipeError, match="name 'base'"):
-        ev.parse_tuned([f"base={lora}"])
+        parse_tuned([f"base={lora}"])
     with pytest.raises(PrefpipeError, match="SCORER=PATH"):
-        ev.parse_weights(["pickscore"], ["pickscore"])
+        parse_weights(["pickscore"], ["pickscore"])
     with pytest.raises(PrefpipeError, match="not one of the --scorer"):
-        ev.parse_weights(["hpsv2=x"], ["pickscore"])
-    assert ev.parse_weights(["pickscore=a=b"], ["pickscore"]) == {"pickscore": "a=b"}
+        parse_weights(["hpsv2=x"], ["pickscore"])
+    assert parse_weights(["pickscore=a=b"], ["pickscore"]) == {"pickscore": "a=b"}
 
 
 def test_holdout_removes_exactly_the_prompts_of_the_training_pairs(tmp_path):
@@ -193,79 +204,15 @@ def test_holdout_removes_exactly_the_prompts_of_the_training_pairs(tmp_path):
     only_caption.mkdir()
     pq.write_table(pa.table({"caption": ["a yellow star"], "jpg_0": [img], "jpg_1": [img], "label_0": [1.0]}),
                    only_caption / "train-0.parquet")
-    info = ev.prepare_prompts(f, tmp_path / "out", holdout=[str(tmp_path / "pairs_a"), str(only_caption)])
+    info = prepare_prompts(f, tmp_path / "out", holdout=[str(tmp_path / "pairs_a"), str(only_caption)])
     assert info["texts"] == ["a red circle", "a blue sky"]
     assert info["removed_by_holdout"] == 3 and info["training_prompts"] == 4 and info["read"] == 5
     assert (tmp_path / "out" / "prompts.txt").read_text() == "a red circle\na blue sky\n"
-    limited = ev.prepare_prompts(f, tmp_path / "out2", holdout=[str(only_caption)], limit=2)
+    limited = prepare_prompts(f, tmp_path / "out2", holdout=[str(only_caption)], limit=2)
     assert limited["texts"] == ["a red circle", "a green square"] and limited["removed_by_holdout"] == 1
     write_pairs(tmp_path / "all", [dict(caption=p, **common) for p in prompts], files=1)
     with pytest.raises(PrefpipeError, match="no prompt left"):
-        ev.prepare_prompts(f, tmp_path / "out3", holdout=[str(tmp_path / "all")])
-
-
-# -- pairs gallery (show) -----------------------------------------------------------------------
-def pair_rows(n=11):
-    colors = ["red", "green", "blue", "white", "black", "yellow", "purple", "orange", "gray", "cyan", "pink"]
-    rows, ai = [], []
-    for i in range(n):
-        label = [1.0, 0.0, 0.5][i % 3]
-        human = i % 2 == 0
-        rows.append(dict(caption=f"caption {i}", jpg_0=png(colors[i % 11]), jpg_1=png(colors[(i + 1) % 11], (32, 16)),
-                         label_0=label, label_1=1 - label, source="human" if human else "ai",
-                         scorer=None if human else "pickscore", score_0=None if human else 21.5 + i,
-                         score_1=None if human else 20.0, margin=None if human else 1.5 + i, prompt_id=f"p{i}"))
-        ai.append([1.0, 1.0, 0.0][i % 3] if human else None)  # an AI relabel of the human rows
-    rows[5]["jpg_1"] = b"not an image"
-    return rows, ai
-
-
-def test_pair_sampling_is_uniform_distinct_deterministic_and_reads_only_sampled_row_groups(tmp_path, monkeypatch):
-    counts = [(0, 0, 3), (0, 1, 3), (1, 0, 5), (2, 0, 0), (2, 1, 1)]
-    picks = sample_locations(counts, 6, seed=3)
-    flat = [(f, g, r) for f, g, rows in picks for r in rows]
-    assert len(flat) == len(set(flat)) == 6
-    assert all(r < dict(((f, g), n) for f, g, n in counts)[(f, g)] for f, g, r in flat)
-    assert picks == sample_locations(counts, 6, seed=3) and picks != sample_locations(counts, 6, seed=4)
-    everything = sample_locations(counts, 100, seed=0)
-    assert sum(len(rows) for *_, rows in everything) == 12
-    hits = np.zeros(12)
-    for s in range(600):
-        for f, g, rows in sample_locations(counts, 2, seed=s):
-            start = {(0, 0): 0, (0, 1): 3, (1, 0): 6, (2, 1): 11}[(f, g)]
-            hits[[start + r for r in rows]] += 1
-    assert hits.min() > 50 and hits.max() < 150  # each of 12 rows drawn about 600 * 2 / 12 = 100 times
-
-    rows, ai = pair_rows()
-    folder = write_pairs(tmp_path / "pairs", rows, extra={"ai_label_0": ai})
-    read_groups = []
-    real = pq.ParquetFile.read_row_group
-    monkeypatch.setattr(pq.ParquetFile, "read", lambda *a, **k: pytest.fail("read the whole file"))
-    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
-                        lambda self, i, **k: read_groups.append(i) or real(self, i, **k))
-    sample, total, n_files = sample_pairs(folder, 3, seed=1)
-    assert total == 11 and n_files == 2 and len(sample) == 3
-    assert len(read_groups) <= 3  # at most one row group per sampled row, never a whole file
-    assert len({r["caption"] for r in sample}) == 3
-
-
-def test_pairs_gallery_marks_winner_scores_source_and_ai_human_agreement(tmp_path):
-    rows, ai = pair_rows()
-    folder = write_pairs(tmp_path / "pairs", rows, extra={"ai_label_0": ai})
-    out = tmp_path / "g" / "gallery.html"
-    counters = write_gallery(folder, out, sample=50, seed=0)
-    html = out.read_text()
-    assert counters["sampled"] == counters["total"] == 11 and counters["bad_rows"] == 1
-    assert counters["sources"] == {"human": 6, "ai": 5}
-    # human rows 0, 2, 4, 6, 8, 10: labels 1, 0.5, 0, 1, 0.5, 0 against AI 1, 0, 1, 1, 0, 1
-    assert (counters["agree"], counters["disagree"], counters["one_tie"]) == (2, 2, 2)
-    assert all(f"caption {i}" in html for i in range(11))
-    assert html.count('class="badge win"') == 8  # every row but the 3 ties (i % 3 == 2) has a winner
-    assert "AI agrees with human" in html and "AI disagrees with human" in html and "undecodable image" in html
-    assert "margin 6.5" in html and "score 26.5" in html and "scorer pickscore" in html
-    assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)
-    assert agreement({"label_0": 1.0, "source": "human", "score_0": 1.0, "score_1": 2.0}) == "disagree"
-    assert agreement({"label_0": 1.0, "source": "ai", "score_0": 1.0, "score_1": 2.0}) is None
+        prepare_prompts(f, tmp_path / "out3", holdout=[str(tmp_path / "all")])
 
 
 # -- end to end ---------------------------------------------------------------------------------
@@ -287,7 +234,7 @@ def test_eval_compares_tuned_runs_with_base_on_identical_seeds_writes_every_outp
     tiny_sd15, runs, tmp_path
 ):
     from labelers.registry import build_scorer
-    from prefpipe.generate import GenerateOptions, generate
+    from prefpipe.stages.generate import GenerateOptions, generate
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
@@ -302,14 +249,14 @@ def test_eval_compares_tuned_runs_with_base_on_identical_seeds_writes_every_outp
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
     assert tuple(on_disk) == ev.REPORT_KEYS
-    for key in ev.REPORT_KEYS + ev.RESULT_KEYS:
+    for key in ev.REPORT_KEYS + RESULT_KEYS:
         assert re.search(rf"\b{key}\b", ev.__doc__), f"report key {key} is not documented"
     assert [(t["name"], t["kind"]) for t in on_disk["tuned"]] == [("lora-run", "lora"), ("unet-run", "unet")]
     assert on_disk["generation"]["images_generated"] == {"base": 6, "lora-run": 6, "unet-run": 6}
     assert set(on_disk["files"]["plots"]) == {"scores_compressibility", "scores_incompressibility", "win_rate", "curves"}
     for rel in on_disk["files"]["plots"].values():
         assert Image.open(out / rel).format == "PNG"
-    assert len(on_disk["results"]) == 4 and all(tuple(r) == ev.RESULT_KEYS for r in on_disk["results"])
+    assert len(on_disk["results"]) == 4 and all(tuple(r) == RESULT_KEYS for r in on_disk["results"])
     by = {(r["scorer"], r["tuned"]): r for r in on_disk["results"]}
     for name in ("lora-run", "unet-run"):
         up, down = by[("incompressibility", name)], by[("compressibility", name)]

@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from prefpipe.dataset import parquet_files, read_manifest
-from prefpipe.errors import PrefpipeError
-from prefpipe.generate import GenerateOptions, generate, image_seed
-from prefpipe.prompts import prompt_id
-from prefpipe.schema import CANDIDATES
+from prefpipe.core.dataset import parquet_files, read_manifest
+from prefpipe.core.errors import PrefpipeError
+from prefpipe.core.prompts import prompt_id
+from prefpipe.core.schema import CANDIDATES
+from prefpipe.stages.generate import GenerateOptions, generate, image_seed
 from tests.conftest import REPO, run_cli
 
 PROMPTS = ["a red circle on a blue background", "a green square", "a yellow star at night", "a red circle on a blue background", "", "a purple cat"]
@@ -170,7 +170,7 @@ def test_other_options_into_the_same_folder_are_refused_and_nothing_is_lost(tiny
 def test_trajectories_share_initial_noise_per_prompt_and_replay_as_ddim_steps(tiny_sd15, prompt_file, tmp_path):
     import torch
 
-    from prefpipe.generate import decode_trajectory
+    from prefpipe.core.trajectory import decode_trajectory
     from prefpipe.models import load_pipeline
     from trainer.losses import ddim_scheduler_args, ddim_step_mean_std
 

@@ -23,20 +23,15 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from prefpipe.dataset import parquet_files, read_manifest
-from prefpipe.errors import PrefpipeError
-from prefpipe.ingest import (
-    IngestOptions,
-    StreamingSource,
-    ingest,
-    ingest_hpdv2,
-    ingest_pickapic,
-    iter_json_array,
-    plan_duplicates,
-    ranking_pairs,
-)
-from prefpipe.prompts import prompt_id
-from prefpipe.schema import PAIRS, PICKAPIC_V2
+from prefpipe.core.dataset import parquet_files, read_manifest
+from prefpipe.core.errors import PrefpipeError
+from prefpipe.core.prompts import prompt_id
+from prefpipe.core.schema import PAIRS, PICKAPIC_V2
+from prefpipe.stages.ingest import ingest
+from prefpipe.stages.ingest.duplicates import plan_duplicates
+from prefpipe.stages.ingest.hpdv2 import ingest_hpdv2, iter_json_array, ranking_pairs
+from prefpipe.stages.ingest.options import IngestOptions
+from prefpipe.stages.ingest.pickapic import StreamingSource, ingest_pickapic
 from tests.conftest import REPO
 
 # The published schema, stray pandas index included (PICKAPIC_V2 is it minus `__index_level_0__`).
@@ -319,13 +314,14 @@ def test_a_hub_id_without_network_stops_with_what_to_do(tmp_path, monkeypatch):
 
 _SLOW_RUN = """
 import sys, time
-import prefpipe.ingest as m
-from prefpipe.ingest import IngestOptions, ingest_pickapic
-slow = m._pickapic_unit
+import prefpipe.stages.ingest.pickapic as m
+from prefpipe.stages.ingest.options import IngestOptions
+from prefpipe.stages.ingest.pickapic import ingest_pickapic
+slow = m.pickapic_unit
 def unit(*a, **k):
     time.sleep(0.4)  # make the window between shards wide enough to kill in
     return slow(*a, **k)
-m._pickapic_unit = unit
+m.pickapic_unit = unit
 ingest_pickapic(sys.argv[1], sys.argv[2], IngestOptions(), progress=False)
 """
 

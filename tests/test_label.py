@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from prefpipe.cli import main
-from prefpipe.dataset import ShardedDataset, parquet_files, read_manifest
-from prefpipe.prompts import prompt_id
-from prefpipe.schema import CANDIDATES, PAIRS, conform
+from prefpipe.core.dataset import ShardedDataset, parquet_files, read_manifest
+from prefpipe.core.prompts import prompt_id
+from prefpipe.core.schema import CANDIDATES, PAIRS, conform
 
 
 def png(img: Image.Image) -> bytes:
@@ -184,7 +184,7 @@ def test_relabel_human_pairs_reports_agreement_with_known_answers(tmp_path):
 
 def test_model_scorers_label_through_the_stage_with_an_ensemble(tmp_path):
     from labelers.registry import build_scorer
-    from labelers.tiny import write_tiny_scorer
+    from prefpipe.testing.scorers import write_tiny_scorer
 
     weights = {k: write_tiny_scorer(k, tmp_path / k) for k in ("pickscore", "hpsv2")}
     cands = write_candidates(tmp_path / "c", PROMPTS)

@@ -383,7 +383,7 @@ def test_ddim_log_prob_reproduces_normal_log_prob_around_the_scheduler_mean(conf
         mean = scheduler.step(
             model_output, t, sample, eta=1.0, variance_noise=torch.zeros_like(sample)
         ).prev_sample
-        std = scheduler._get_variance(int(t), prev_t) ** 0.5
+        std = scheduler._get_variance(int(t), prev_t) ** 0.5  # noqa: SLF001 - diffusers' own variance as the reference
         expected = torch.distributions.Normal(mean.double(), std.double()).log_prob(prev_sample.double())
         expected = expected.mean(dim=(1, 2, 3))
 

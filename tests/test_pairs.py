@@ -6,9 +6,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from prefpipe.errors import PrefpipeError
-from prefpipe.pairs import PairCounts, PairOptions, build_pairs
-from prefpipe.stats import best_tie_threshold, tie_aware_points, wilson_interval
+from prefpipe.core.errors import PrefpipeError
+from prefpipe.core.stats import best_tie_threshold, tie_aware_points, wilson_interval
+from prefpipe.stages.pairs import PairCounts, PairOptions, build_pairs
 
 
 def scores(rows):

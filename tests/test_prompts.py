@@ -4,8 +4,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from prefpipe.errors import PrefpipeError
-from prefpipe.prompts import prompt_id, read_prompts
+from prefpipe.core.errors import PrefpipeError
+from prefpipe.core.prompts import prompt_id, read_prompts
 
 
 def test_prompt_id_is_stable_and_ignores_surrounding_whitespace():

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from prefpipe import eval as ev
-from prefpipe.show import write_gallery
+import prefpipe.stages.eval as ev
+from prefpipe.stages.eval.show import write_gallery
 from tests.conftest import ARTIFACTS
-from tests.test_eval import PROMPTS, make_lora_run, pair_rows, write_pairs
+from tests.test_eval import PROMPTS, make_lora_run, write_pairs
+from tests.test_show import pair_rows
 
 # No network here: nothing Chromium would fetch on its own (updates, sync, QUIC probes).
 CHROMIUM_FLAGS = [

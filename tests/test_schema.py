@@ -2,8 +2,8 @@ import datasets
 import pyarrow as pa
 import pytest
 
-from prefpipe.errors import PrefpipeError
-from prefpipe.schema import CANDIDATES, PAIRS, PICKAPIC_V2, SCORES, check_columns, conform
+from prefpipe.core.errors import PrefpipeError
+from prefpipe.core.schema import CANDIDATES, PAIRS, PICKAPIC_V2, SCORES, check_columns, conform
 
 
 def test_pairs_schema_is_a_superset_of_pickapic_v2_with_the_same_types():

@@ -1,6 +1,6 @@
 """Scorers reproduce their reference computations.
 
-Each model scorer is loaded from a tiny checkpoint (labelers.tiny, real on-disk format) through the same
+Each model scorer is loaded from a tiny checkpoint (prefpipe.testing.scorers, real on-disk format) through the same
 code path as the real weights, and compared with an independent computation written here: our own
 PIL/numpy/torch preprocessing (resize, crop or pad, normalise) fed to the raw model, then the reference
 formula. HPSv2 is also compared with the reference `hpsv2` package itself running on the tiny weights.
@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from labelers import Scorer, build_scorer, scorer_names
-from labelers.tiny import TINY_OPEN_CLIP_H, write_tiny_scorer
-from prefpipe.errors import PrefpipeError
+from prefpipe.core.errors import PrefpipeError
+from prefpipe.testing.scorers import TINY_OPEN_CLIP_H, write_tiny_scorer
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
@@ -253,7 +253,7 @@ def hpsv2_reference(tiny, monkeypatch, tmp_path):
     from hpsv2.src.open_clip import factory
 
     monkeypatch.setitem(
-        factory._MODEL_CONFIGS, "prefpipe-tiny-ViT-H-14", json.loads(json.dumps(TINY_OPEN_CLIP_H))
+        factory._MODEL_CONFIGS, "prefpipe-tiny-ViT-H-14", json.loads(json.dumps(TINY_OPEN_CLIP_H))  # noqa: SLF001 - the reference package has no public way to register an architecture
     )
     real_create = img_score.create_model_and_transforms
 

@@ -2,7 +2,7 @@ import open_clip
 import pytest
 from transformers import CLIPTokenizer
 
-from prefpipe.tokenizer import write_clip_tokenizer
+from prefpipe.core.tokenizer import write_clip_tokenizer
 
 TEXTS = [
     "a photo of a RED cat, sitting on a mat!",

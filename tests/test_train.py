@@ -17,20 +17,15 @@ import torch
 from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
-from prefpipe.errors import PrefpipeError
-from prefpipe.schema import PAIRS, conform
+from prefpipe.core.errors import PrefpipeError
+from prefpipe.core.options import cli_name
+from prefpipe.core.schema import PAIRS, conform
 from tests.conftest import REPO, run_cli
-from trainer.config import TrainConfig, cli_name
-from trainer.data import (
-    LatentSpec,
-    PairData,
-    PairIndex,
-    Unit,
-    build_index,
-    prepare_pair,
-    scan_unit,
-)
-from trainer.loop import train
+from trainer.config import TrainConfig
+from trainer.data.cache import LatentSpec
+from trainer.data.pairs import PairData, PairIndex, build_index
+from trainer.data.rows import Unit, prepare_pair, scan_unit
+from trainer.recipes import train
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 
@@ -103,8 +98,8 @@ def _png_pixels(data: bytes) -> np.ndarray:
 
 
 def _generate(model, tmp_path, name, **kw) -> list[np.ndarray]:
-    from prefpipe.dataset import iter_batches
-    from prefpipe.generate import GenerateOptions, generate
+    from prefpipe.core.dataset import iter_batches
+    from prefpipe.stages.generate import GenerateOptions, generate
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red box\n")
@@ -166,9 +161,9 @@ def test_the_target_is_the_noise_or_the_velocity(prediction_type):
     from diffusers import DDPMScheduler
 
     from trainer.conditioning import PromptEmbeds
-    from trainer.data import PairBatch
-    from trainer.loop import _objective_step
+    from trainer.data.pairs import PairBatch
     from trainer.losses import get_objective
+    from trainer.recipes.dpo import objective_step
 
     class ZeroUNet(torch.nn.Module):
         def forward(self, sample, timestep, **kwargs):
@@ -177,7 +172,7 @@ def test_the_target_is_the_noise_or_the_velocity(prediction_type):
     scheduler = DDPMScheduler(prediction_type=prediction_type)
     latents = torch.randn(2, 4, 4, 4)
     batch = PairBatch(latents, -latents, PromptEmbeds(torch.zeros(2, 77, 8), None), None, None, torch.ones(2), ["a", "b"])
-    loss, _ = _objective_step(None, ZeroUNet(), None, get_objective("sft"), {}, batch, scheduler,
+    loss, _ = objective_step(None, ZeroUNet(), None, get_objective("sft"), {}, batch, scheduler,
                               [torch.Generator().manual_seed(i) for i in range(2)], "cpu", torch.float32)
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
     t = torch.cat([torch.randint(0, 1000, (1,), generator=g) for g in gens])
@@ -333,8 +328,8 @@ def test_label_0_orders_winner_and_loser_and_ties_follow_keep_ties(caplog):
 
 
 def test_pick_a_pic_shards_as_published_are_read(tmp_path):
-    from prefpipe.schema import PICKAPIC_V2
-    from trainer.data import list_units, read_unit
+    from prefpipe.core.schema import PICKAPIC_V2
+    from trainer.data.rows import list_units, read_unit
 
     rows = {"caption": ["a red box", "a blue box"], "jpg_0": [_drawn("red", "white", fmt="JPEG")] * 2,
             "jpg_1": [_drawn("blue", "black", fmt="JPEG")] * 2, "label_0": [0.0, 1.0], "label_1": [1.0, 0.0]}
@@ -388,14 +383,14 @@ def test_bad_inputs_stop_with_a_message_naming_the_problem(tiny_sd15, pairs, tmp
 
 
 def test_nonfinite_losses_skip_the_step_and_stop_the_run(tiny_sd15, pairs, tmp_path, monkeypatch):
-    import trainer.loop
+    import trainer.recipes
     from trainer.losses import Objective, diffusion_dpo_loss
 
     def nan_dpo(**kw):
         loss, metrics = diffusion_dpo_loss(**kw)
         return loss * float("nan"), metrics
 
-    monkeypatch.setattr(trainer.loop, "get_objective", lambda name: Objective(nan_dpo, "denoising", True, True))
+    monkeypatch.setattr(trainer.recipes, "get_objective", lambda name: Objective(nan_dpo, "denoising", True, True))
     run = tmp_path / "nan"
     with pytest.raises(PrefpipeError, match=r"2 consecutive steps had a non-finite loss.*--beta.*--learning-rate.*precision"):
         train(_cfg(tiny_sd15, run, pairs, max_nonfinite=2, max_steps=5))

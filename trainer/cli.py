@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import click
 
-from trainer.config import TrainConfig, click_options
+from prefpipe.core.options import click_options
+from trainer.config import TrainConfig
 
 
 @click.command(context_settings={"max_content_width": 120})
-@click_options
+@click_options(TrainConfig)
 def train(**options) -> None:
     """Train a LoRA (or the whole UNet) on preferences: Diffusion-DPO (default), SFT, hinge, IPO, or D3PO.
 
@@ -21,6 +22,6 @@ def train(**options) -> None:
     Writes RUN/pytorch_lora_weights.safetensors (or RUN/unet with --full), checkpoints, metrics.jsonl,
     curves.png and train_config.json. Several processes: accelerate launch -m prefpipe train ...
     """
-    from trainer.loop import train as run
+    from trainer.recipes import train as run
 
     run(TrainConfig(**options))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from prefpipe.errors import PrefpipeError
+from prefpipe.core.errors import PrefpipeError
 
 
 @dataclass

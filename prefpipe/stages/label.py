@@ -1,0 +1,332 @@
+"""The label stage: AI feedback. Score candidates, then build preference pairs.
+
+    candidates ──score (every scorer, each image decoded once)──▶ WORKDIR/scores ──pair──▶ WORKDIR/pairs/ai
+    human pairs ──score jpg_0 / jpg_1──▶ WORKDIR/relabel (AI labels beside human ones) + agreement report
+
+Units: one scores shard per candidates file, one pairs shard per scores shard (a prompt's candidates
+live in one candidates shard, as `prefpipe generate` writes them). Both datasets follow the stage
+contract: resumable, sharded by rank, bad images counted, logged with their key, and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from labelers.registry import parse_weights
+from prefpipe.core.dataset import ShardedDataset, fingerprint, input_fingerprint, parquet_files, rank_world
+from prefpipe.core.errors import PrefpipeError
+from prefpipe.core.prompts import prompt_id
+from prefpipe.core.schema import PAIRS, SCORES, check_columns, conform
+from prefpipe.core.stats import best_tie_threshold, tie_aware_points, wilson_interval
+from prefpipe.stages.pairs import PairCounts, PairOptions, build_pairs
+from prefpipe.stages.scoring import load_scorers, score_rows
+
+log = logging.getLogger("prefpipe.label")
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="img", desc=desc, disable=not enabled, dynamic_ncols=True)
+
+
+# -- scores -----------------------------------------------------------------------------------------
+def score_candidates(
+    candidates: str | Path,
+    out: str | Path,
+    scorer_names: list[str],
+    weights: dict[str, str],
+    *,
+    batch_size: int = 32,
+    device: str = "auto",
+    dtype: str | None = None,
+    progress: bool = True,
+    scorers=None,
+) -> ShardedDataset:
+    """Score every candidate image with every scorer into a long scores dataset at `out`."""
+    files = parquet_files(candidates)
+    check_columns(pq.read_schema(files[0]), {"prompt_id": pa.string(), "candidate": pa.int32(),
+                                              "prompt": pa.string(), "image": pa.binary()}, str(files[0]))
+    rank, world = rank_world()
+    ds = ShardedDataset(
+        out, "score", {"scorers": scorer_names, "weights": weights}, input_fingerprint(candidates), len(files), SCORES,
+        runtime={"batch_size": batch_size, "device": device, "world": world},
+    ).open()
+    todo = ds.pending(rank, world)
+    if not todo:
+        return ds
+    scorers = scorers or load_scorers(scorer_names, weights, batch_size=batch_size, device=device, dtype=dtype)
+    total = sum(pq.ParquetFile(files[u]).metadata.num_rows for u in todo)
+    bar = _progress(total, "score", progress)
+    for unit in todo:
+        with ds.write_unit(unit) as writer:
+            pf = pq.ParquetFile(files[unit])
+            for batch in pf.iter_batches(batch_size=max(batch_size, 64), columns=["prompt_id", "candidate", "prompt", "image"]):
+                rows = batch.to_pydict()
+                scored = score_rows(scorers, [rows["image"]], rows["prompt"])
+                for i, _why in scored.bad:
+                    writer.count("bad_images")
+                    log.warning("score: undecodable image %s/%s in %s, skipped",
+                                rows["prompt_id"][i], rows["candidate"][i], files[unit].name)
+                keep = scored.kept
+                for scorer in scorers:
+                    writer.write(pa.table({
+                        "prompt_id": [rows["prompt_id"][i] for i in keep],
+                        "candidate": pa.array([rows["candidate"][i] for i in keep], pa.int32()),
+                        "scorer": [scorer.name] * len(keep),
+                        "score": pa.array(scored.column(scorer.name), pa.float32()),
+                    }, schema=SCORES))
+                writer.count("images", len(keep))
+                bar.update(batch.num_rows)
+    bar.close()
+    return ds
+
+
+# -- pairs ------------------------------------------------------------------------------------------
+def build_pair_dataset(
+    scores: str | Path,
+    candidates: str | Path,
+    out: str | Path,
+    opts: PairOptions,
+) -> ShardedDataset:
+    """AI preference pairs (PAIRS schema, source=ai) from a scores dataset and its candidates."""
+    score_files = parquet_files(scores)
+    cand_files = parquet_files(candidates)
+    if len(score_files) != len(cand_files):
+        raise PrefpipeError(
+            f"{scores} has {len(score_files)} shards but {candidates} has {len(cand_files)}: "
+            "the scores were made from other candidates; re-run the score step"
+        )
+    rank, world = rank_world()
+    ds = ShardedDataset(
+        out, "pair", asdict(opts), fingerprint(input_fingerprint(scores), input_fingerprint(candidates)),
+        len(score_files), PAIRS,
+    ).open()
+    for unit in ds.pending(rank, world):
+        counts = PairCounts()
+        pairs = build_pairs(pl.read_parquet(score_files[unit]), opts, counts)
+        with ds.write_unit(unit) as writer:
+            if pairs.height:
+                writer.write(_pairs_table(pairs, cand_files[unit]))
+            for k, v in counts.as_dict().items():
+                writer.count(k, v)
+    return ds
+
+
+def _pairs_table(pairs: pl.DataFrame, cand_file: Path) -> pa.Table:
+    wanted = pl.concat([
+        pairs.select(pl.col("prompt_id"), pl.col("candidate_0").alias("candidate")),
+        pairs.select(pl.col("prompt_id"), pl.col("candidate_1").alias("candidate")),
+    ]).unique()
+    cands = (
+        pl.read_parquet(cand_file, columns=["prompt_id", "candidate", "prompt", "image", "model"])
+        .join(wanted, on=["prompt_id", "candidate"], how="semi")
+    )
+    c0 = cands.rename({"candidate": "candidate_0", "image": "jpg_0", "model": "model_0", "prompt": "caption"})
+    c1 = cands.select(pl.col("prompt_id"), pl.col("candidate").alias("candidate_1"), pl.col("image").alias("jpg_1"),
+                      pl.col("model").alias("model_1"))
+    df = (
+        pairs.join(c0, on=["prompt_id", "candidate_0"], how="inner")
+        .join(c1, on=["prompt_id", "candidate_1"], how="inner")
+        .with_columns(
+            image_0_uid=pl.col("prompt_id") + "-" + pl.col("candidate_0").cast(pl.String),
+            image_1_uid=pl.col("prompt_id") + "-" + pl.col("candidate_1").cast(pl.String),
+            source=pl.lit("ai"),
+            has_label=pl.lit(True),
+            are_different=pl.lit(True),
+        )
+        .with_columns(
+            best_image_uid=pl.when(pl.col("label_0") == 1.0).then(pl.col("image_0_uid"))
+            .when(pl.col("label_0") == 0.0).then(pl.col("image_1_uid")).otherwise(pl.lit(None)),
+        )
+        .drop(["candidate_0", "candidate_1"])
+    )
+    return conform(df.to_arrow(), PAIRS)
+
+
+# -- relabel human pairs ----------------------------------------------------------------------------
+def relabel_pairs(
+    pairs: str | Path,
+    out: str | Path,
+    scorer_names: list[str],
+    weights: dict[str, str],
+    *,
+    batch_size: int = 32,
+    device: str = "auto",
+    dtype: str | None = None,
+    progress: bool = True,
+) -> ShardedDataset:
+    """Score both images of human pairs; write AI labels beside the human ones.
+
+    Output rows: the pair's keys and human label, and per scorer `<name>_score_0`, `<name>_score_1`,
+    `<name>_label_0` (1 / 0 / 0.5 on equal scores). Images are not copied.
+    """
+    files = parquet_files(pairs)
+    check_columns(pq.read_schema(files[0]), {"caption": pa.string(), "jpg_0": pa.binary(), "jpg_1": pa.binary(),
+                                              "label_0": pa.float64()}, str(files[0]))
+    rank, world = rank_world()
+    fields = [pa.field("prompt_id", pa.string()), pa.field("caption", pa.string()),
+              pa.field("image_0_uid", pa.string()), pa.field("image_1_uid", pa.string()),
+              pa.field("label_0", pa.float64())]
+    for n in scorer_names:
+        fields += [pa.field(f"{n}_score_0", pa.float32()), pa.field(f"{n}_score_1", pa.float32()),
+                   pa.field(f"{n}_label_0", pa.float64())]
+    schema = pa.schema(fields)
+    ds = ShardedDataset(out, "relabel", {"scorers": scorer_names, "weights": weights}, input_fingerprint(pairs),
+                        len(files), schema, runtime={"batch_size": batch_size, "device": device}).open()
+    todo = ds.pending(rank, world)
+    if not todo:
+        return ds
+    scorers = load_scorers(scorer_names, weights, batch_size=batch_size, device=device, dtype=dtype)
+    bar = _progress(sum(pq.ParquetFile(files[u]).metadata.num_rows for u in todo), "relabel", progress)
+    for unit in todo:
+        pf = pq.ParquetFile(files[unit])
+        cols = [c for c in ("caption", "jpg_0", "jpg_1", "label_0", "image_0_uid", "image_1_uid", "prompt_id")
+                if c in pf.schema_arrow.names]
+        with ds.write_unit(unit) as writer:
+            for batch in pf.iter_batches(batch_size=max(batch_size, 64), columns=cols):
+                rows = batch.to_pydict()
+                n = batch.num_rows
+                scored = score_rows(scorers, [rows["jpg_0"], rows["jpg_1"]], rows["caption"],
+                                    keep=lambda i, rows=rows: None if (rows["caption"][i] or "").strip() else "empty caption")
+                for i, _why in scored.bad:
+                    writer.count("bad_rows")
+                    log.warning("relabel: bad row %s (undecodable image or empty caption) in %s, skipped",
+                                (rows.get("image_0_uid") or [None] * n)[i] or i, files[unit].name)
+                keep = scored.kept
+                out_rows = {
+                    "prompt_id": [(rows.get("prompt_id") or [None] * n)[i] or prompt_id(rows["caption"][i]) for i in keep],
+                    "caption": [rows["caption"][i] for i in keep],
+                    "image_0_uid": [(rows.get("image_0_uid") or [None] * n)[i] for i in keep],
+                    "image_1_uid": [(rows.get("image_1_uid") or [None] * n)[i] for i in keep],
+                    "label_0": [rows["label_0"][i] for i in keep],
+                }
+                for scorer in scorers:
+                    s0, s1 = scored.column(scorer.name, 0), scored.column(scorer.name, 1)
+                    out_rows[f"{scorer.name}_score_0"] = s0
+                    out_rows[f"{scorer.name}_score_1"] = s1
+                    out_rows[f"{scorer.name}_label_0"] = np.where(s0 > s1, 1.0, np.where(s0 < s1, 0.0, 0.5))
+                writer.write(pa.table(out_rows, schema=schema))
+                writer.count("pairs", len(keep))
+                bar.update(n)
+    bar.close()
+    return ds
+
+
+def agreement_report(relabel: str | Path, scorer_names: list[str]) -> dict:
+    """Per scorer: accuracy against the human label on non-tie pairs (95% Wilson interval), and the
+    PickScore paper's tie-aware accuracy (tie threshold chosen on split A, reported on split B; the
+    split is a stable hash of the pair's key, half and half)."""
+    df = pl.read_parquet(parquet_files(relabel))
+    key = pl.col("image_0_uid").fill_null("") + pl.col("image_1_uid").fill_null("") + pl.col("caption")
+    df = df.with_columns(split=(key.hash(seed=0) % 2))
+    report = {"pairs": df.height, "human_ties": int((df["label_0"] == 0.5).sum()), "scorers": {}}
+    for name in scorer_names:
+        diff = (df[f"{name}_score_0"] - df[f"{name}_score_1"]).to_numpy().astype(float)
+        human = df["label_0"].to_numpy().astype(float)
+        decided = human != 0.5
+        correct = float(np.sum(np.where(diff[decided] == 0, 0.5, (diff[decided] > 0) == (human[decided] > 0.5))))
+        n = int(decided.sum())
+        lo, hi = wilson_interval(correct, n)
+        split = df["split"].to_numpy()
+        a, b = split == 0, split == 1
+        threshold = best_tie_threshold(human[a], diff[a]) if a.any() else 0.0
+        tie_acc = float(tie_aware_points(human[b], diff[b], threshold).mean()) if b.any() else float("nan")
+        report["scorers"][name] = {
+            "accuracy_non_tie": correct / n if n else float("nan"),
+            "accuracy_ci95": [lo, hi],
+            "non_tie_pairs": n,
+            "tie_aware_accuracy": tie_acc,
+            "tie_threshold": threshold,
+            "tie_threshold_split_pairs": int(a.sum()),
+            "tie_aware_split_pairs": int(b.sum()),
+        }
+    return report
+
+
+# -- CLI --------------------------------------------------------------------------------------------
+@click.command()
+@click.option("--scorer", "scorers", multiple=True, required=True,
+              help="Scorer name (repeatable): pickscore, hpsv2, clip, aesthetic, compressibility, incompressibility.")
+@click.option("--weights", multiple=True, help="NAME=PATH_OR_HUB_ID: weights of a scorer (default: its real hub checkpoint).")
+@click.option("--candidates", type=click.Path(), default=None, help="Candidates dataset (from `prefpipe generate`).")
+@click.option("--pairs", "human_pairs", type=click.Path(), default=None, help="Relabel these (human) pairs instead of candidates.")
+@click.option("--out", "workdir", required=True, type=click.Path(), help="WORKDIR: writes WORKDIR/scores and WORKDIR/pairs/ai (or WORKDIR/relabel).")
+@click.option("--strategy", type=click.Choice(["best-worst", "all", "random-k"]), default="best-worst", show_default=True, help="Which candidates of a prompt to pair.")
+@click.option("--by", default=None, help="Pair by this scorer (needed when several scorers and no --ensemble).")
+@click.option("--ensemble", type=click.Choice(["mean-rank", "unanimous"]), default=None, help="Pair by all scorers: mean of per-scorer ranks, or unanimous vote.")
+@click.option("--min-margin", type=float, default=0.0, show_default=True, help="Pairs closer than this (scorer units) are ties.")
+@click.option("--ties", type=click.Choice(["drop", "keep"]), default="drop", show_default=True, help="Drop ties, or keep them labelled 0.5 (reference trainers read 0.5 as a win!).")
+@click.option("--k", type=click.IntRange(min=1), default=2, show_default=True, help="Pairs per prompt for --strategy random-k.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random-k and of pair positions.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per scorer call.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1.")
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True, help="auto: fp16 on GPU, fp32 on CPU.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def label(scorers, weights, candidates, human_pairs, workdir, strategy, by, ensemble, min_margin, ties, k, seed,
+          batch_size, device, dtype, no_progress):
+    """Score images with AI feedback and build preference pairs (or relabel human pairs)."""
+    names = list(scorers)
+    w = parse_weights(weights, names)
+    workdir = Path(workdir)
+    t0 = time.perf_counter()
+    if (candidates is None) == (human_pairs is None):
+        raise PrefpipeError("give either --candidates DIR (score and pair) or --pairs DIR (relabel human pairs)")
+    if human_pairs is not None:
+        ds = relabel_pairs(human_pairs, workdir / "relabel", names, w, batch_size=batch_size, device=device,
+                           dtype=dtype, progress=not no_progress)
+        report = agreement_report(ds.folder, names)
+        ds.record(agreement=report)
+        (workdir / "relabel" / "agreement.json").write_text(json.dumps(report, indent=2))
+        for name, r in report["scorers"].items():
+            lo, hi = r["accuracy_ci95"]
+            click.echo(f"label: {name} agrees with humans on {100 * r['accuracy_non_tie']:.1f}% of {r['non_tie_pairs']} "
+                       f"non-tie pairs (95% CI {100 * lo:.1f}-{100 * hi:.1f}); tie-aware {100 * r['tie_aware_accuracy']:.1f}%",
+                       err=True)
+        return
+    opts = PairOptions(strategy=strategy, by=by, ensemble=ensemble, min_margin=min_margin, ties=ties, k=k, seed=seed)
+    if len(names) > 1 and by is None and ensemble is None:
+        raise PrefpipeError(f"several scorers ({', '.join(names)}): pair --by one of them, or --ensemble mean-rank|unanimous")
+    if by is not None and by not in names:
+        raise PrefpipeError(f"--by {by}: not one of the --scorer names ({', '.join(names)})")
+    scores_ds = score_candidates(candidates, workdir / "scores", names, w, batch_size=batch_size, device=device,
+                                 dtype=dtype, progress=not no_progress)
+    pairs_ds = build_pair_dataset(scores_ds.folder, candidates, workdir / "pairs" / "ai", opts)
+    s, p = scores_ds.stats(), pairs_ds.stats()
+    click.echo(
+        f"label: scored {s.get('images', 0)} images with {', '.join(names)} ({s.get('bad_images', 0)} undecodable skipped) "
+        f"-> {scores_ds.folder}; {p.get('pairs', 0)} pairs over {p.get('prompts', 0)} prompts "
+        f"({p.get('ties_dropped', 0)} ties dropped, {p.get('single_candidate_prompts', 0)} single-candidate prompts) "
+        f"-> {pairs_ds.folder} in {time.perf_counter() - t0:.1f}s",
+        err=True,
+    )
+
+
+@click.command("pairs")
+@click.option("--scores", required=True, type=click.Path(), help="Scores dataset (WORKDIR/scores).")
+@click.option("--candidates", required=True, type=click.Path(), help="The candidates those scores were made from.")
+@click.option("--out", required=True, type=click.Path(), help="Output pairs dataset folder.")
+@click.option("--strategy", type=click.Choice(["best-worst", "all", "random-k"]), default="best-worst", show_default=True)
+@click.option("--by", default=None, help="Pair by this scorer.")
+@click.option("--ensemble", type=click.Choice(["mean-rank", "unanimous"]), default=None)
+@click.option("--min-margin", type=float, default=0.0, show_default=True)
+@click.option("--ties", type=click.Choice(["drop", "keep"]), default="drop", show_default=True)
+@click.option("--k", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def pairs_command(scores, candidates, out, **options):
+    """Build AI preference pairs from an existing scores dataset (no scoring)."""
+    ds = build_pair_dataset(scores, candidates, out, PairOptions(**options))
+    st = ds.stats()
+    click.echo(f"pairs: {st.get('pairs', 0)} pairs over {st.get('prompts', 0)} prompts "
+               f"({st.get('ties_dropped', 0)} ties dropped) -> {ds.folder}", err=True)
+

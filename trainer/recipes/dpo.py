@@ -1,0 +1,252 @@
+"""The Diffusion-DPO recipe (and SFT, hinge, IPO): pairs -> a LoRA (or a full UNet).
+
+Reads top to bottom (torchtune style): check options -> run (accelerator, checkpoint) -> models -> data
+(cache) -> UNet and reference -> optimizer -> resume -> print the plan -> steps -> export. No hooks beyond
+accelerate's own; the shared parts are `trainer/run.py`, `trainer/unet.py` and `trainer/steps.py`.
+
+Supports: SD 1.x/2.x and SDXL; epsilon and v-prediction; every denoising objective of
+`trainer/losses.py` by name (`dpo` default, `hinge`, `ipo`, `sft`), the recipe learning from the
+`Objective` entry whether it needs the loser and the reference; LoRA (reference = the same UNet with its
+adapters disabled, no second copy) or full fine-tuning (reference = a frozen copy in the weight dtype);
+mixed precision, gradient checkpointing, AdamW or Adafactor, warm-up and schedule, gradient accumulation;
+one process or many (`accelerate launch`, GPUs or CPU processes); checkpoints and exact resume;
+`--init-from RUN` (start from an earlier run's weights; the reference stays the base model).
+
+Assumes: one square resolution; winner and loser share the noise and the timestep (the references do).
+
+Determinism: micro-batch m of process r uses the items of :class:`trainer.data.pairs.PairOrder` (a function
+of the seed and the epoch), and each pair one CPU `torch.Generator` seeded from (seed, its slot in the stream
+of trained pairs) for, in order, caption dropout, latent sampling, timestep and noise. A resumed run sees
+the same data and the same random draws as an uninterrupted one (accelerate restores the weights and the
+optimizer state), and a run gives the same per-pair draws however its effective batch is split across
+processes and accumulation, so its losses do not depend on the number of processes.
+
+Raises PrefpipeError for bad options, a bad dataset, an unknown model, and after `max_nonfinite`
+consecutive non-finite losses (each such step is skipped: no update).
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefpipe.core.errors import PrefpipeError
+from trainer.config import TrainConfig, hyperparameters
+from trainer.data import describe_drops
+from trainer.data.cache import Encoders, model_identity
+from trainer.data.pairs import PairOrder, prepare_data
+from trainer.data.rows import PAIR_DROPS, list_units, sources_fingerprint
+from trainer.losses import Objective
+from trainer.run import finish_run, open_run, resume, run_summary, start_run_folder, weight_dtype
+from trainer.steps import make_optimizer, run_steps, step_plan
+from trainer.unet import adapters_disabled, prepare_unet
+
+
+def train_dpo(cfg: TrainConfig, objective: Objective, *, on_steps_start: Callable[[], None] | None = None
+              ) -> dict[str, Any]:
+    """Run (or resume) one training run on pairs (`cfg` validated by the caller). Returns a summary: steps,
+    last metrics, data and cache counters. `on_steps_start()` is called before the first step."""
+    import torch
+
+    # ---- 1. options that need no model ----------------------------------------------------------------
+    if cfg.candidates or cfg.labels or cfg.step_fraction != 1.0:
+        raise PrefpipeError(
+            f"--candidates, --labels and --step-fraction are for --objective d3po (trajectories); "
+            f"--objective {cfg.objective} trains on pairs (--source / --pairs)"
+        )
+    hyper = hyperparameters(objective, cfg)
+    sources = cfg.pairs_paths()
+    units = list_units(sources, cfg.limit)  # a wrong path or a missing column stops here
+    if not units:
+        raise PrefpipeError(f"no rows in the pairs datasets {', '.join(map(str, sources))}")
+
+    # ---- 2. the run: accelerator (one process or many), the checkpoint to resume -----------------------
+    run = open_run(cfg)
+    rank, world, device, accelerator = run.rank, run.world, run.device, run.accelerator
+
+    # ---- 3. models ------------------------------------------------------------------------------------
+    from diffusers import DDPMScheduler
+
+    from prefpipe.models import load_pipeline, model_family
+    from trainer.conditioning import TextConditioner
+
+    dtype = weight_dtype(cfg)
+    vae_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.vae_dtype]
+    pipe = load_pipeline(cfg.model, dtype="fp32", device="cpu")
+    family = model_family(pipe)
+    vae = load_vae(cfg.vae) if cfg.vae else pipe.vae
+    vae.requires_grad_(False).eval().to(device, vae_dtype)
+    text = TextConditioner(pipe, device, dtype=dtype)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise PrefpipeError(f"--model {cfg.model}: prediction_type {prediction_type!r}; epsilon or v_prediction only")
+    unet = pipe.unet
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    resolution = cfg.resolution or int(unet.config.sample_size) * vae_scale
+    del pipe
+
+    # ---- 4. data: scan, encode into the cache (once per dataset/model/resolution/crop), index ----------
+    cache_parts = {
+        "pairs": sources_fingerprint(sources, cfg.limit),
+        **model_identity(cfg.model, cfg.vae),
+        "vae_dtype": cfg.vae_dtype,
+        "resolution": resolution,
+        "crop": f"random/{cfg.seed}" if cfg.random_crop else "center",
+        "orientations": "both" if cfg.random_flip else "as stored",
+    }
+    data = prepare_data(
+        units=units, cache_root=None if cfg.no_cache else cfg.cache_root(), cache_parts=cache_parts,
+        encoders=Encoders(vae, text, cfg.encode_batch_size), resolution=resolution, keep_ties=cfg.keep_ties,
+        random_crop=cfg.random_crop, random_flip=cfg.random_flip, seed=cfg.seed, caption_dropout=cfg.caption_dropout,
+        rank=rank, world=world, barrier=accelerator.wait_for_everyone, progress=run.main and not cfg.no_progress,
+    )
+    if not cfg.no_cache:  # training reads the cache: the encoders are no longer needed
+        text.free()
+        vae = None
+        gc.collect()
+    n_rows = data.stats.get("rows_read", 0)
+    if len(data) == 0:
+        raise PrefpipeError(
+            f"no training pairs left: {n_rows} rows read from {', '.join(map(str, sources))}, "
+            f"all dropped ({describe_drops(data.stats, PAIR_DROPS)})"
+        )
+    order = PairOrder(len(data), cfg.batch_size, world, cfg.seed, cfg.random_flip)
+    accum = cfg.gradient_accumulation
+    max_steps, effective_batch, lr = step_plan(cfg, order, len(data), world)
+
+    # ---- 5. the UNet to train (LoRA or full, optionally --init-from), and the reference ----------------
+    unet, ref_unet, params = prepare_unet(unet, cfg, objective, device, dtype, family)
+
+    # ---- 6. optimizer and schedule (stepped once per optimizer step) ----------------------------------
+    unet, optimizer, lr_scheduler = make_optimizer(run, unet, params, lr, max_steps, family)
+
+    # ---- 7. resume --------------------------------------------------------------------------------------
+    state = resume(run)
+    resolved = {"beta": hyper.get("beta"), "resolution": resolution, "lr": lr, "max_steps": max_steps,
+                "effective_batch": effective_batch, "processes": world, "family": family,
+                "prediction_type": prediction_type, "pairs": len(data), "cache": data.stats.get("cache")}
+    start_run_folder(run, resolved, state["step"])
+
+    # ---- 8. the plan ------------------------------------------------------------------------------------
+    start_step = state["step"]
+    n_unet = sum(p.numel() for p in accelerator.unwrap_model(unet).parameters())
+    n_train = sum(p.numel() for p in params)
+    hyper_text = ", ".join(f"{k} {v:g}" for k, v in hyper.items())
+    run.echo(
+        f"train: {cfg.objective}{f' ({hyper_text})' if hyper_text else ''} on {len(data)} pairs "
+        f"({n_rows} rows read; dropped: {describe_drops(data.stats, PAIR_DROPS)}) | {family}, {resolution} px, "
+        f"{prediction_type} target\n"
+        f"  batch: {cfg.batch_size} pairs/process x {world} process(es) x {accum} accumulation = "
+        f"{effective_batch} pairs per step (effective batch)\n"
+        f"  steps: {max_steps} ({order.per_epoch // accum} per epoch of {len(data)} pairs)"
+        f"{f', resuming after step {start_step}' if start_step else ''}; "
+        f"{cfg.lr_scheduler} schedule, {cfg.lr_warmup_steps} warm-up\n"
+        f"  lr: {lr:g}" + (f" (= {cfg.learning_rate:g} x {effective_batch}, --scale-lr)" if cfg.scale_lr else "")
+        + f", {cfg.optimizer}\n"
+        f"  memory: {memory_plan(cfg, objective, n_train, n_unet, ref_unet, data, dtype)}"
+    )
+
+    # ---- 9. steps: micro-batch m of this process -> the objective's loss ------------------------------
+    def micro_batch(m: int):
+        items, flips, epoch = order.micro_batch(m, rank)
+        generators = order.generators(m, rank)
+        batch = data.batch(items, flips, generators)
+        loss, metrics = objective_step(
+            accelerator, unet, ref_unet, objective, hyper, batch, noise_scheduler, generators, device, dtype
+        )
+        return loss, metrics, epoch
+
+    last, wall, state = run_steps(run, unet, params, optimizer, lr_scheduler, state, max_steps, micro_batches=accum,
+                                  micro_batch=micro_batch, hint=f"--beta (now {hyper.get('beta', 'n/a')}) or ",
+                                  on_start=on_steps_start)
+
+    # ---- 10. export -------------------------------------------------------------------------------------
+    exported = finish_run(run, unet, family)
+    return run_summary(run, max_steps, start_step, wall, last, data.stats, state, exported)
+
+
+def objective_step(accelerator, unet, ref_unet, objective: Objective, hyper: dict, batch, noise_scheduler,
+                    generators, device, weight_dtype):
+    """Noise winner (and loser) with the same noise and timestep, predict, and apply the objective.
+
+    Returns the objective's ``(loss, metrics)``. Pair i draws its timestep, then its noise ``(4, h, w)``,
+    from `generators[i]`, after the draws :meth:`PairData.batch` made.
+    """
+    import torch
+
+    from trainer.conditioning import unet_kwargs
+
+    k = 2 if objective.needs_loser else 1
+    n_t = noise_scheduler.config.num_train_timesteps
+    timesteps = torch.cat([torch.randint(0, n_t, (1,), generator=g) for g in generators])
+    noise = torch.stack([torch.randn(batch.latents_w.shape[1:], generator=g) for g in generators])
+    latents = torch.cat([batch.latents_w, batch.latents_l][:k]).to(device)
+    noise, timesteps = noise.repeat(k, 1, 1, 1).to(device), timesteps.repeat(k).to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    embeds = batch.embeds.to(device, weight_dtype)
+    embeds = type(embeds)(embeds.prompt_embeds.repeat(k, 1, 1), None if embeds.pooled is None else embeds.pooled.repeat(k, 1))
+    tids = None if batch.time_ids_w is None else torch.cat([batch.time_ids_w, batch.time_ids_l][:k]).to(device, weight_dtype)
+    kwargs = unet_kwargs(embeds, tids)
+    pred = unet(noisy, timesteps, **kwargs).sample
+    inputs: dict = dict(hyper)
+    pred_w, *pred_l = pred.chunk(k)
+    target_w, *target_l = target.chunk(k)
+    inputs.update(model_pred_w=pred_w, target_w=target_w)
+    if objective.needs_loser:
+        inputs.update(model_pred_l=pred_l[0], target_l=target_l[0])
+    if objective.needs_reference:
+        with torch.no_grad(), accelerator.autocast():
+            if ref_unet is not None:
+                ref = ref_unet(noisy.to(weight_dtype), timesteps, **kwargs).sample
+            else:  # the same UNet with its adapters switched off: no second copy in memory
+                policy = accelerator.unwrap_model(unet)
+                with adapters_disabled(policy):
+                    ref = policy(noisy, timesteps, **kwargs).sample
+        ref_w, *ref_l = ref.chunk(k)
+        inputs.update(ref_pred_w=ref_w, **({"ref_pred_l": ref_l[0]} if ref_l else {}))
+    weight = batch.weight.to(device)
+    if not bool((weight == 1).all()):
+        inputs["weight"] = weight
+    return objective(**inputs)
+
+
+def load_vae(vae: str):
+    from diffusers import AutoencoderKL
+
+    path = Path(vae)
+    try:
+        if path.exists():
+            sub = "vae" if (path / "vae" / "config.json").exists() else None
+            return AutoencoderKL.from_pretrained(str(path), subfolder=sub)
+        return AutoencoderKL.from_pretrained(vae)
+    except (OSError, ValueError) as e:
+        raise PrefpipeError(f"--vae {vae}: could not load an AutoencoderKL: {str(e).splitlines()[0]}") from e
+
+
+def memory_plan(cfg: TrainConfig, objective: Objective, n_train: int, n_unet: int, ref_unet, data, weight_dtype) -> str:
+    dtype = str(weight_dtype).removeprefix("torch.")
+    if cfg.full:
+        what = f"full UNet: {n_train:,} trainable params (fp32)"
+    else:
+        what = (f"LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {n_train:,} trainable of {n_unet:,} UNet params "
+                f"({100 * n_train / max(n_unet, 1):.2f}%), base in {dtype}")
+    if not objective.needs_reference:
+        ref = f"none ({cfg.objective} needs no reference)"
+    elif ref_unet is not None:
+        ref = f"frozen UNet copy in {dtype} ({sum(p.numel() for p in ref_unet.parameters()):,} params)"
+    else:
+        ref = "the policy UNet with adapters disabled (no second UNet)"
+    if data.cache is not None:
+        enc = (f"cached latents + text embeddings in {data.cache.folder} ({data.stats.get('units_encoded', 0)} units "
+               f"encoded now, {data.stats.get('units_reused', 0)} reused); VAE and text encoders freed")
+    else:
+        enc = "no cache: VAE and text encoder(s) stay resident and run every step"
+    extras = f"mixed precision {cfg.mixed_precision}, gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"
+    return f"{what}; reference: {ref}; encoders: {enc}; {extras}"

@@ -1,0 +1,104 @@
+"""The UNet a recipe trains, and its reference.
+
+- LoRA (default): adapters on the target modules, B at zero so the policy starts as the reference; the
+  reference is the same UNet with its adapters switched off (:func:`adapters_disabled`), no second copy.
+- `--full`: every weight trains (fp32); the reference is a frozen copy in the weight dtype.
+- `--reference-copy`: LoRA with a separate frozen reference (the paper's layout, for comparison).
+- `--init-from RUN`: an earlier run's LoRA (or UNet) loaded into the policy only; the reference stays the base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import weakref
+from pathlib import Path
+
+from prefpipe.core.errors import PrefpipeError
+from prefpipe.models import load_unet, unet_folder
+from trainer.config import TrainConfig
+from trainer.losses import Objective
+
+
+def prepare_unet(unet, cfg: TrainConfig, objective: Objective, device, weight_dtype, family: str):
+    """Make `unet` trainable: LoRA adapters (B = 0, so the policy starts as the reference) or every weight;
+    the reference (a frozen copy, only for --full or --reference-copy; otherwise the adapters are switched
+    off); then --init-from loads an earlier run's weights into the policy only. Returns (unet, ref_unet or
+    None, trainable params)."""
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)  # the LoRA initialisation (A gaussian, B zero): the same in every process and run
+    unet.requires_grad_(False)
+    ref_unet = None
+    if (cfg.full or cfg.reference_copy) and objective.needs_reference:
+        ref_unet = copy.deepcopy(unet).to(device, weight_dtype).eval()  # the base model, before --init-from
+    if cfg.full:
+        unet.requires_grad_(True)  # trainable weights stay float32; autocast runs the forward in weight_dtype
+    else:
+        from peft import LoraConfig
+
+        unet.to(weight_dtype)
+        unet.add_adapter(LoraConfig(
+            r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, init_lora_weights="gaussian",
+            target_modules=cfg.lora_target_modules(),
+        ))
+        for p in unet.parameters():  # LoRA B starts at zero: the policy equals the reference at step 0
+            if p.requires_grad:
+                p.data = p.data.float()
+    if cfg.init_from:
+        load_init_weights(unet, cfg, family)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if not params:
+        raise PrefpipeError(f"--lora-targets {cfg.lora_targets}: no module of this UNet matches")
+    return unet, ref_unet, params
+
+
+def load_init_weights(unet, cfg: TrainConfig, family: str) -> None:
+    """--init-from RUN: its LoRA into the (same-shaped) adapters, or with --full its UNet's weights."""
+    from trainer import export
+
+    run = Path(cfg.init_from)
+    if cfg.full:
+        folder = unet_folder(run)
+        if folder is None:
+            raise PrefpipeError(f"--init-from {run}: no full-run UNet there (RUN/unet/config.json); drop --full for a LoRA run")
+        unet.load_state_dict(load_unet(folder).state_dict())
+        return
+    if not (run / export.LORA_FILE).exists():
+        raise PrefpipeError(f"--init-from {run}: no {export.LORA_FILE} there (a LoRA run of `prefpipe train`)")
+    saved = run / "train_config.json"
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        diffs = [f"--{k.replace('_', '-')} {old.get(k)}" for k in ("lora_rank", "lora_alpha", "lora_targets")
+                 if old.get(k) != getattr(cfg, k)]
+        if diffs:
+            raise PrefpipeError(f"--init-from {run}: its adapters have other shapes; train with {' '.join(diffs)}")
+    try:
+        export.load_lora(unet, run, family)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise PrefpipeError(f"--init-from {run}: its LoRA does not fit these adapters: {str(e).splitlines()[0]}") from e
+
+
+_LORA_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # UNet -> its LoRA layers, found once
+
+
+@contextlib.contextmanager
+def adapters_disabled(unet):
+    """The base UNet for the duration: every LoRA layer off, then on again (what `unet.disable_adapters()` /
+    `enable_adapters()` do, with the layer list found once per UNet instead of at every call)."""
+    layers = _LORA_LAYERS.get(unet)
+    if layers is None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = _LORA_LAYERS[unet] = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(enabled=False)
+    try:
+        yield unet
+    finally:
+        for layer in layers:
+            layer.enable_adapters(enabled=True)
