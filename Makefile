@@ -68,6 +68,8 @@ bench: install
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/ingest.py
 	$(PY) benchmarks/d3po.py
+	$(PY) benchmarks/scale.py
+	$(PY) benchmarks/host_memory.py
 
 # ---- the demo: base model -> generate -> label -> train -> eval, and the control with the opposite reward
 # After the shared candidates, the two arms (SCORER and CONTROL: label, train, eval) run side by side, each

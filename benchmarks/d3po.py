@@ -55,7 +55,7 @@ def main() -> None:
     import polars as pl
     import torch
 
-    from prefpipe.core.dataset import parquet_files
+    from prefpipe.core.tables import parquet_files
     from prefpipe.core.trajectory import decode_trajectory
     from prefpipe.stages.generate import GenerateOptions, generate
     from prefpipe.stages.label import build_pair_dataset, score_candidates

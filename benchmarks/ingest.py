@@ -49,7 +49,7 @@ def child(mode: str, data: str, out: str) -> dict:
     """One measurement in this (fresh) process; returns rows, wall seconds and peak RSS."""
     import pyarrow.parquet as pq
 
-    from prefpipe.core.dataset import parquet_files
+    from prefpipe.core.tables import parquet_files
 
     files = parquet_files(data)
     if mode.startswith("ingest") or mode == "import":  # imports are not part of the timed work

@@ -90,7 +90,7 @@ def main() -> None:
         import polars as pl
         from PIL import Image
 
-        from prefpipe.core.dataset import parquet_files
+        from prefpipe.core.tables import parquet_files
 
         df = pl.read_parquet(parquet_files(cands))
         images = [Image.open(io.BytesIO(b)).convert("RGB") for b in df["image"]]

@@ -7,6 +7,7 @@ runs (or `--help` lists them all), so `prefpipe generate` never imports the trai
 from __future__ import annotations
 
 import importlib
+import os
 
 import click
 
@@ -40,12 +41,15 @@ class _StageGroup(PrefpipeGroup):
 
 @click.group(cls=_StageGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="prefpipe")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line messages for bad input.")
+def main(debug: bool) -> None:
     """Align text-to-image diffusion models with preferences (Diffusion-DPO, D3PO).
 
     Stages write Parquet datasets (folders of shards + _prefpipe.json); each can be re-run to resume,
     and sharded across processes with `accelerate launch`.
     """
+    if debug:
+        os.environ["PREFPIPE_DEBUG"] = "1"
 
 
 @main.command()

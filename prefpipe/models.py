@@ -54,10 +54,16 @@ def load_pipeline(
     scheduler: str | None = None,
     lora: str | None = None,
     unet: str | None = None,
+    dtypes: dict[str, str] | None = None,
+    without: tuple[str, ...] = (),
 ):
     """Load a text-to-image pipeline ready to call: weights, dtype, device/offload, scheduler, LoRA.
 
-    Returns the pipeline with `pipe.prefpipe_device` set to where inputs should go.
+    Each component is read once, straight in its dtype (diffusers' low-memory loading): `dtypes` gives some
+    components another dtype than `dtype` (the trainer's VAE in fp32 beside a bf16 UNet); the components in
+    `without` are not loaded at all (None: a stage that does not use them does not hold them), nor is the
+    base UNet when `unet` replaces it. Returns the pipeline with `pipe.prefpipe_device` set to where inputs
+    should go.
     """
     from diffusers import DiffusionPipeline
 
@@ -65,7 +71,14 @@ def load_pipeline(
     source = resolve_model(model)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    kwargs: dict = {"dtype": torch_dtype}
+    per_component = {name: resolve_dtype(d, dev) for name, d in (dtypes or {}).items()}
+    kwargs: dict = {"dtype": {"default": torch_dtype, **per_component} if per_component else torch_dtype}
+    kwargs.update({name: None for name in without})
+    if unet is not None:
+        unet_dir = unet_folder(unet)
+        if unet_dir is None:
+            raise PrefpipeError(f"--unet {unet}: no UNet2DConditionModel folder (config.json) there")
+        kwargs["unet"] = load_unet(unet_dir, per_component.get("unet", torch_dtype))
     index = Path(source) / "model_index.json"
     if index.exists() and '"safety_checker"' in index.read_text():
         # Research use: generated candidates are judged by scorers, not filtered to black squares.
@@ -78,11 +91,6 @@ def load_pipeline(
             f"--model {model}: could not load a diffusers pipeline from this {where}: "
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         ) from e
-    if unet is not None:
-        unet_dir = unet_folder(unet)
-        if unet_dir is None:
-            raise PrefpipeError(f"--unet {unet}: no UNet2DConditionModel folder (config.json) there")
-        pipe.unet = load_unet(unet_dir, torch_dtype)
     if lora is not None:
         if not Path(lora).exists():
             raise PrefpipeError(f"--lora {lora}: no such folder or file")
@@ -145,12 +153,45 @@ def set_scheduler(pipe, name: str) -> None:
 
 
 def model_family(pipe) -> str:
-    """`sdxl` for pipelines with two text encoders and micro-conditioning, `sd15` for SD 1.x/2.x."""
-    if getattr(pipe, "text_encoder_2", None) is not None:
+    """`sdxl` for UNet pipelines with two text encoders and micro-conditioning, `sd15` for SD 1.x/2.x, else
+    `other`. Read from the pipeline's component names, so a pipeline loaded `without` its text encoders
+    still says what it is."""
+    names = set(pipe.components)
+    if "unet" not in names:
+        return "other"
+    if "text_encoder_2" in names:
         return "sdxl"
-    if getattr(pipe, "text_encoder", None) is not None and getattr(pipe, "unet", None) is not None:
-        return "sd15"
-    return "other"
+    return "sd15" if "text_encoder" in names else "other"
+
+
+def text_encoder_names(model: str) -> list[str]:
+    """The text encoders of a pipeline (`text_encoder`, `text_encoder_2`, ...), from its model_index.json."""
+    return [name for name in component_config(model, "model_index") if name.startswith("text_encoder")]
+
+
+def component_config(model: str, component: str) -> dict:
+    """The `config.json` of one component (`unet`, `vae`, ...) of a pipeline folder or hub id, without loading
+    its weights. A folder holding the component's own config.json (a `--vae` replacement) is read as it is;
+    `model_index` reads the pipeline's model_index.json."""
+    path = Path(model).expanduser()
+    if component == "model_index" and path.exists():
+        return json.loads((Path(resolve_model(model)) / "model_index.json").read_text())
+    if path.exists():
+        for folder in (path / component, path):
+            if (folder / "config.json").is_file():
+                return json.loads((folder / "config.json").read_text())
+        raise PrefpipeError(f"{model}: no {component}/config.json there")
+    from huggingface_hub import hf_hub_download
+
+    source = resolve_model(model)
+    errors = []
+    names = ["model_index.json"] if component == "model_index" else [f"{component}/config.json", "config.json"]
+    for name in names:
+        try:
+            return json.loads(Path(hf_hub_download(source, name)).read_text())
+        except Exception as e:  # noqa: BLE001 - offline, missing repo or file: try the next name, then one message
+            errors.append(f"{name}: {type(e).__name__}: {e}")
+    raise PrefpipeError(f"{model}: could not read the {component} config from the hub ({'; '.join(errors)})")
 
 
 def quiet_libraries() -> None:

@@ -14,8 +14,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from prefpipe.core.dataset import parquet_files, read_manifest
 from prefpipe.core.errors import PrefpipeError
+from prefpipe.core.tables import parquet_files, read_manifest
 from tests.conftest import run_cli
 from trainer.config import TrainConfig
 from trainer.data.preferences import load_trajectory_pairs, read_d3po_labels, write_label_sheet

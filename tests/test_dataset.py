@@ -5,16 +5,10 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from prefpipe.core.dataset import (
-    MANIFEST,
-    ShardedDataset,
-    iter_batches,
-    parquet_files,
-    read_manifest,
-    row_group_units,
-)
+from prefpipe.core.dataset import ShardedDataset
 from prefpipe.core.errors import PrefpipeError
 from prefpipe.core.schema import SCORES
+from prefpipe.core.tables import MANIFEST, iter_batches, parquet_files, read_manifest, row_group_units
 
 
 def _ds(folder, n_units=3, **options):

@@ -74,7 +74,7 @@ def test_quick_model_loads_through_load_pipeline_and_generates_32px_images(quick
     assert counters["images"] == 4
     import polars as pl
 
-    from prefpipe.core.dataset import parquet_files
+    from prefpipe.core.tables import parquet_files
 
     df = pl.read_parquet(parquet_files(tmp_path / "cands"))
     assert set(df["width"]) == {32} and set(df["height"]) == {32}

@@ -15,11 +15,11 @@ from PIL import Image
 
 import prefpipe.stages.eval as ev
 from labelers.registry import parse_weights
-from prefpipe.core.dataset import parquet_files
 from prefpipe.core.errors import PrefpipeError
 from prefpipe.core.prompts import prompt_id
 from prefpipe.core.schema import PAIRS, conform
 from prefpipe.core.stats import Z95
+from prefpipe.core.tables import parquet_files
 from prefpipe.stages.eval.compare import (
     RESULT_KEYS,
     compare,

@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from prefpipe.core.dataset import parquet_files, read_manifest
 from prefpipe.core.errors import PrefpipeError
 from prefpipe.core.prompts import prompt_id
 from prefpipe.core.schema import CANDIDATES
+from prefpipe.core.tables import parquet_files, read_manifest
 from prefpipe.stages.generate import GenerateOptions, generate, image_seed
 from tests.conftest import REPO, run_cli
 

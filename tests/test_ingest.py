@@ -23,10 +23,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from prefpipe.core.dataset import parquet_files, read_manifest
 from prefpipe.core.errors import PrefpipeError
 from prefpipe.core.prompts import prompt_id
 from prefpipe.core.schema import PAIRS, PICKAPIC_V2
+from prefpipe.core.tables import parquet_files, read_manifest
 from prefpipe.stages.ingest import ingest
 from prefpipe.stages.ingest.duplicates import plan_duplicates
 from prefpipe.stages.ingest.hpdv2 import ingest_hpdv2, iter_json_array, ranking_pairs

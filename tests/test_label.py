@@ -13,9 +13,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from prefpipe.cli import main
-from prefpipe.core.dataset import ShardedDataset, parquet_files, read_manifest
+from prefpipe.core.dataset import ShardedDataset
 from prefpipe.core.prompts import prompt_id
 from prefpipe.core.schema import CANDIDATES, PAIRS, conform
+from prefpipe.core.tables import parquet_files, read_manifest
 
 
 def png(img: Image.Image) -> bytes:

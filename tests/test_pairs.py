@@ -41,7 +41,8 @@ def test_best_worst_pairs_highest_against_lowest_with_margin_and_both_scores():
     assert row["label_0"] + row["label_1"] == 1.0
     assert (row["score_0"] > row["score_1"]) == (row["label_0"] == 1.0)
     assert counts.as_dict() | {} == {"prompts": 3, "single_candidate_prompts": 1, "pairs": 1, "ties_dropped": 1,
-                                     "ties_kept": 0, "candidates_missing_scores": 0}
+                                     "ties_kept": 0, "candidates_missing_scores": 0,
+                                     "candidates_nonfinite_scores": 0}
 
 
 def test_ties_are_dropped_by_default_and_kept_at_half_when_asked():
@@ -129,3 +130,14 @@ def test_tie_aware_points_and_threshold_choice():
     t = best_tie_threshold(human, diff)
     assert tie_aware_points(human, diff, t).mean() == max(
         tie_aware_points(human, diff, x).mean() for x in [0, 0.06, 0.11, 1.01, 2.01, 3.01])
+
+
+def test_infinite_scores_are_counted_logged_and_never_paired(caplog):
+    scores = pl.DataFrame({"prompt_id": ["a"] * 3 + ["b"] * 2, "candidate": [0, 1, 2, 0, 1], "scorer": ["s"] * 5,
+                           "score": [1.0, float("inf"), 3.0, float("-inf"), 2.0]})
+    counts = PairCounts()
+    with caplog.at_level("WARNING", logger="prefpipe.label"):
+        df = build_pairs(scores, PairOptions(strategy="all"), counts)
+    assert df.height == 1 and np.isfinite(df["margin"].to_numpy()).all()
+    assert counts.candidates_nonfinite_scores == 2 and counts.pairs == 1
+    assert "a/1 has no finite score (s inf)" in caplog.text and "b/0 has no finite score (s -inf)" in caplog.text

@@ -98,7 +98,7 @@ def _png_pixels(data: bytes) -> np.ndarray:
 
 
 def _generate(model, tmp_path, name, **kw) -> list[np.ndarray]:
-    from prefpipe.core.dataset import iter_batches
+    from prefpipe.core.tables import iter_batches
     from prefpipe.stages.generate import GenerateOptions, generate
 
     prompts = tmp_path / "prompts.txt"
@@ -237,6 +237,7 @@ def test_second_run_reuses_the_cache_and_matches_no_cache(tiny_sdxl, pairs, tmp_
     mtimes = [f.stat().st_mtime_ns for f in files]
     second = train(_cfg(tiny_sdxl, tmp_path / "b", pairs, **opts))
     assert second["data"]["units_encoded"] == 0 and second["data"]["units_reused"] == 1
+    assert first["data"]["encoders_loaded"] and not second["data"]["encoders_loaded"]  # a complete cache: no VAE
     assert [f.stat().st_mtime_ns for f in files] == mtimes
     live = train(_cfg(tiny_sdxl, tmp_path / "c", pairs, no_cache=True, **opts))
     assert live["data"]["cache"] is None
@@ -407,3 +408,37 @@ def test_every_config_field_is_a_train_option():
 
     for f in dataclasses.fields(TrainConfig):
         assert f"--{cli_name(f.name)}" in result.output, f.name
+
+
+def test_a_pairs_table_relabelled_in_place_trains_on_its_new_labels(tiny_sd15, tmp_path):
+    """Same file name, same size, label_0 flipped: the cache must not hand back the old preferences."""
+    import pyarrow.compute as pc
+
+    folder = _pairs(tmp_path / "pairs", n=8)
+    shard = folder / "train-00000-of-00001.parquet"
+    work = tmp_path / "work"  # one --workdir for both runs: one cache
+    train(_cfg(tiny_sd15, tmp_path / "before", folder, cache_dir=str(work / "cache")))
+    size = shard.stat().st_size
+    table = pq.read_table(shard)
+    flipped = table.set_column(table.schema.get_field_index("label_0"), "label_0",
+                               pc.subtract(pa.scalar(1.0), table["label_0"]))
+    flipped = flipped.set_column(flipped.schema.get_field_index("label_1"), "label_1", table["label_0"])
+    pq.write_table(flipped, shard)
+    assert shard.stat().st_size == size  # the old identity (names and sizes) cannot tell the two apart
+    after = train(_cfg(tiny_sd15, tmp_path / "after", folder, cache_dir=str(work / "cache")))
+    assert after["data"]["units_encoded"] == 1  # re-encoded, not reused
+    fresh = train(_cfg(tiny_sd15, tmp_path / "fresh", folder, cache_dir=str(tmp_path / "fresh-cache")))
+    assert [m["loss"] for m in _metrics(tmp_path / "after")] == [m["loss"] for m in _metrics(tmp_path / "fresh")]
+    assert fresh["data"]["units_encoded"] == 1
+    before = _metrics(tmp_path / "before")
+    assert [m["implicit_acc"] for m in before] != [m["implicit_acc"] for m in _metrics(tmp_path / "after")] or \
+        [m["loss"] for m in before] != [m["loss"] for m in _metrics(tmp_path / "after")]
+
+
+def test_resuming_on_changed_pairs_is_refused(tiny_sd15, tmp_path):
+    folder = _pairs(tmp_path / "pairs", n=8)
+    run = tmp_path / "run"
+    train(_cfg(tiny_sd15, run, folder, max_steps=1, checkpoint_every=1))
+    _pairs(tmp_path / "pairs", n=8, labels=[float(1 - i % 2) for i in range(8)])  # the same files, relabelled
+    with pytest.raises(PrefpipeError, match="training data of .* changed since the run started"):
+        train(_cfg(tiny_sd15, run, folder, max_steps=2, checkpoint_every=1, resume="latest"))

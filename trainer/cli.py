@@ -22,6 +22,9 @@ def train(**options) -> None:
     Writes RUN/pytorch_lora_weights.safetensors (or RUN/unet with --full), checkpoints, metrics.jsonl,
     curves.png and train_config.json. Several processes: accelerate launch -m prefpipe train ...
     """
+    from accelerate import PartialState
+
     from trainer.recipes import train as run
 
     run(TrainConfig(**options))
+    PartialState().destroy_process_group()  # the command is done (a no-op in one process)

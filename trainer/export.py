@@ -6,10 +6,11 @@
   adapter's `LoraConfig` as metadata so a `lora_alpha` other than the rank keeps its scale. Load with
   `pipe.load_lora_weights(RUN)` or `prefpipe generate --model BASE --lora RUN`.
 - **Full runs**: `RUN/unet`, a `UNet2DConditionModel` folder that replaces the base pipeline's UNet
-  (`UNet2DConditionModel.from_pretrained(RUN / "unet")`, or `prefpipe generate --unet RUN`).
+  (`UNet2DConditionModel.from_pretrained(RUN / "unet")`, or `prefpipe generate --unet RUN`). A run sharded
+  with FSDP writes the same folder, from the full state dict gathered into the main process.
 
-Checkpoints (`RUN/checkpoint-STEP`) hold LoRA weights in the same format, so any checkpoint of a LoRA run
-also loads into a pipeline.
+Checkpoints (`RUN/checkpoint-STEP`, trainer/checkpoints.py) hold LoRA weights in the same format, so any
+checkpoint of a LoRA run also loads into a pipeline.
 """
 
 from __future__ import annotations
@@ -56,11 +57,12 @@ def save_lora(unet, folder: str | Path, family: str) -> Path:
 
 
 def load_lora(unet, folder: str | Path, family: str) -> None:
-    """Load weights written by :func:`save_lora` into a UNet that already carries the same adapter."""
+    """Load weights written by :func:`save_lora` into a UNet that already carries the same adapter (from the
+    safetensors file only: diffusers would otherwise fall back to a pickled `.bin` when it fails to read)."""
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft import set_peft_model_state_dict
 
-    state, _ = _pipeline_class(family).lora_state_dict(str(folder), weight_name=LORA_FILE)
+    state, _ = _pipeline_class(family).lora_state_dict(str(folder), weight_name=LORA_FILE, use_safetensors=True)
     state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
     result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", None)
@@ -68,8 +70,27 @@ def load_lora(unet, folder: str | Path, family: str) -> None:
         raise RuntimeError(f"{folder}: LoRA weights do not match the adapter (unexpected keys {unexpected[:3]})")
 
 
-def save_full_unet(unet, run: str | Path) -> Path:
-    """Write `run/unet` (config.json + safetensors) in float32."""
+def save_full_unet(unet, run: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `run/unet` (config.json + safetensors) in float32.
+
+    `state_dict`: the full weights of a sharded `unet` (FSDP2's `accelerator.get_state_dict`, gathered into
+    this process); they are loaded into a fresh, unsharded model of the same class and config (built on the
+    meta device, so no second set of weights is allocated), which is what gets saved.
+    """
     folder = Path(run) / "unet"
+    if state_dict is not None:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            plain = unsharded_class(unet).from_config(unet.config)
+        plain.load_state_dict(state_dict, strict=True, assign=True)
+        unet = plain
     unet.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def unsharded_class(module) -> type:
+    """The model's own class: FSDP2's `fully_shard` swaps a module's class for a subclass of (FSDPModule, it)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))

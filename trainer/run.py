@@ -12,8 +12,18 @@ A recipe (`trainer/recipes/`) reads top to bottom with these:
     run_summary(...)                          the summary dict and its closing line
 
 Run folder: `train_config.json` (options + derived numbers), `metrics.jsonl` (one line per logged step),
-`checkpoint-STEP/` (accelerate state; LoRA runs hold the adapter weights in the export format, and
-`trainer_state.json`, written last, marks a checkpoint complete), the exported weights and `curves.png`.
+`checkpoint-STEP/` (safetensors and JSON only, `trainer/checkpoints.py`: weights (LoRA runs: the adapters in
+the export format), optimizer, schedule, RNG; `trainer_state.json`, written last, marks it complete; a
+checkpoint holding any other file is refused before anything is read), the exported weights and `curves.png`.
+
+Sharding (`--full` only): when the launcher asks for FSDP (`accelerate launch --use_fsdp --fsdp_version 2`, or
+an `accelerate config` with FSDP version 2), the Accelerator picks the plugin up from the environment and
+`accelerator.prepare` shards the UNet's parameters, gradients and AdamW state over the processes (FSDP2,
+`fully_shard`); the frozen reference is sharded the same way (`trainer.unet.place_reference`). Checkpoints
+then hold one file of weight rows and one of AdamW moment rows per process (`model-R-of-N.safetensors`,
+`optimizer-R-of-N.safetensors`, whatever the launcher's `fsdp_state_dict_type`; loadable by any number of
+processes), and `RUN/unet` is the full state dict gathered into the main process. No flag of ours: the
+launcher decides. LoRA runs, FSDP version 1 and DeepSpeed are refused (:func:`check_sharding`).
 """
 
 from __future__ import annotations
@@ -27,11 +37,11 @@ from typing import Any
 
 import click
 
-from prefpipe.core.dataset import write_atomic
 from prefpipe.core.errors import PrefpipeError
+from prefpipe.core.files import write_atomic
+from trainer import checkpoints
+from trainer.checkpoints import TRAIN_STATE, Trainables
 from trainer.config import RESUMABLE_CHANGES, TrainConfig
-
-TRAIN_STATE = "trainer_state.json"
 
 
 @dataclass
@@ -43,6 +53,7 @@ class Run:
     accelerator: Any
     trackers: str | None
     checkpoint: Path | None
+    trainables: Trainables | None = None  # set by trainer.steps.make_optimizer: what checkpoints save and load
 
     @property
     def rank(self) -> int:
@@ -60,6 +71,11 @@ class Run:
     def main(self) -> bool:
         return self.accelerator.is_main_process
 
+    @property
+    def sharded(self) -> bool:
+        """The UNet (and its reference) are sharded over the processes by FSDP2 (see the module docstring)."""
+        return sharding(self.accelerator) is not None
+
     def echo(self, msg: str) -> None:
         """Print on the main process only (stderr)."""
         if self.main:
@@ -72,6 +88,7 @@ def open_run(cfg: TrainConfig) -> Run:
     out = Path(cfg.out)
     accelerator, trackers = make_accelerator(cfg, out)
     run = Run(cfg, out, accelerator, trackers, None)
+    check_sharding(cfg, accelerator, run.echo)
     run.checkpoint = find_checkpoint(cfg, out, run.echo)
     check_run_folder(cfg, out, run.checkpoint)
     return run
@@ -100,12 +117,69 @@ def make_accelerator(cfg: TrainConfig, out: Path):
     return accelerator, trackers
 
 
+def sharding(accelerator) -> str | None:
+    """The sharding in use: `fsdp2` when the launcher's FSDP plugin is (accelerate's FSDP2 path), else None."""
+    return "fsdp2" if getattr(accelerator, "is_fsdp2", False) else None
+
+
+LAUNCH_FSDP = "accelerate launch --use_fsdp --fsdp_version 2 ... (or `accelerate config`: FSDP, version 2)"
+
+
+def check_sharding(cfg: TrainConfig, accelerator, echo) -> None:
+    """What the launcher asked for, against what a run can do: FSDP2 shards `--full` runs with AdamW; a LoRA
+    run (under 1% of the weights train) stays replicated (DDP, `--multi_gpu`). FSDP version 1 (it needs the
+    optimizer built after wrapping), Adafactor (transformers' keeps plain-tensor state) and DeepSpeed (its
+    engine owns the step, clipping and checkpoints) are refused. Without a wrap policy from the launcher, FSDP2 shards the UNet block by block (the model's
+    `_no_split_modules`, as `accelerate config` proposes) instead of as one unit, which would all-gather the
+    whole fp32 UNet at every forward. With --mixed-precision, weights are all-gathered in that dtype but
+    gradients reduce-scattered in float32 (accelerate's default reduces in bf16/fp16). accelerate shards on
+    GPUs only: CPU processes launched with --use_fsdp run replicated, which is said once."""
+    import os
+
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        raise PrefpipeError(f"DeepSpeed is not supported by `prefpipe train`; shard a --full run with FSDP2: {LAUNCH_FSDP}")
+    if kind == DistributedType.FSDP:
+        plugin = accelerator.state.fsdp_plugin
+        if plugin.fsdp_version != 2:
+            raise PrefpipeError(f"FSDP version {plugin.fsdp_version}: `prefpipe train` shards with FSDP2: {LAUNCH_FSDP}")
+        if not cfg.full:
+            raise PrefpipeError(
+                "the launcher asks for FSDP, which shards --full runs; a LoRA run trains under 1% of the UNet's "
+                "weights and is replicated instead: launch it with --multi_gpu (DDP), or pass --full"
+            )
+        if cfg.optimizer == "adafactor":
+            raise PrefpipeError(
+                "--optimizer adafactor: transformers' Adafactor builds its state as plain tensors, which cannot update "
+                "FSDP's sharded weights; use adamw (its state is sharded too: 1/N per process)"
+            )
+        if plugin.auto_wrap_policy is None and "FSDP_AUTO_WRAP_POLICY" not in os.environ:
+            from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+            plugin.auto_wrap_policy = transformer_auto_wrap_policy  # the model's _no_split_modules, one unit each
+        policy = plugin.mixed_precision_policy
+        if policy is not None and policy.param_dtype is not None and policy.reduce_dtype == policy.param_dtype:
+            import dataclasses
+
+            import torch
+
+            # accelerate reduces in the compute dtype; replicated runs all-reduce float32 gradients: so do we
+            plugin.mixed_precision_policy = dataclasses.replace(policy, reduce_dtype=torch.float32)
+    elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        echo("train: warning: the launcher asked for FSDP, but accelerate shards on GPUs only: these CPU processes "
+             "each hold the whole model (DDP)")
+
+
 def list_checkpoints(out: Path) -> list[Path]:
     found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
 def find_checkpoint(cfg: TrainConfig, out: Path, echo) -> Path | None:
+    """The checkpoint --resume names (`latest`: the last complete one in `out`), checked to hold safetensors
+    and JSON only before any model or data is loaded."""
     if cfg.resume is None:
         return None
     if cfg.resume == "latest":
@@ -113,10 +187,12 @@ def find_checkpoint(cfg: TrainConfig, out: Path, echo) -> Path | None:
         if not found:
             echo(f"train: --resume latest: no checkpoint in {out} yet, starting from step 0")
             return None
-        return found[-1]
-    path = Path(cfg.resume)
-    if not (path / TRAIN_STATE).exists():
-        raise PrefpipeError(f"--resume {cfg.resume}: not a finished checkpoint folder (no {TRAIN_STATE})")
+        path = found[-1]
+    else:
+        path = Path(cfg.resume)
+        if not (path / TRAIN_STATE).exists():
+            raise PrefpipeError(f"--resume {cfg.resume}: not a finished checkpoint folder (no {TRAIN_STATE})")
+    checkpoints.check_files(path)
     return path
 
 
@@ -138,31 +214,21 @@ def check_run_folder(cfg: TrainConfig, out: Path, checkpoint: Path | None) -> No
         )
 
 
-def register_lora_checkpoint_hooks(accelerator, family: str) -> None:
-    """Checkpoints of LoRA runs hold the adapter weights only (in the export format), not the whole UNet."""
-    from trainer import export
-
-    def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            export.save_lora(accelerator.unwrap_model(models[0]), output_dir, family)
-        weights.pop()
-
-    def load_hook(models, input_dir):
-        export.load_lora(accelerator.unwrap_model(models.pop()), input_dir, family)
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
 def save_checkpoint(run: Run, step: int, nonfinite_total: int, nonfinite_run: int) -> None:
-    """`RUN/checkpoint-STEP`: every process saves its state; `trainer_state.json`, written last, marks it complete."""
+    """`RUN/checkpoint-STEP`: every process saves its part (`trainer/checkpoints.py`); `trainer_state.json`,
+    written last, marks it complete. A folder left by a killed run at the same step is written afresh."""
     accelerator, cfg, out = run.accelerator, run.cfg, run.out
+    if run.trainables is None:
+        raise RuntimeError("save_checkpoint before make_optimizer")
     folder = out / f"checkpoint-{step}"
-    accelerator.save_state(str(folder))  # every process: each saves its own RNG state
+    if accelerator.is_main_process:
+        shutil.rmtree(folder, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    checkpoints.save_state(folder, run.trainables, accelerator)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {"step": step, "nonfinite_total": nonfinite_total, "nonfinite_run": nonfinite_run,
-                 "processes": accelerator.num_processes}
+                 "processes": accelerator.num_processes, "sharding": sharding(accelerator)}
         write_atomic(folder / TRAIN_STATE, json.dumps(state))  # written last: marks the checkpoint complete
         if cfg.checkpoints_keep:
             for old in list_checkpoints(out)[: -cfg.checkpoints_keep]:
@@ -179,12 +245,25 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 def resume(run: Run) -> dict[str, int]:
-    """Load the run's checkpoint (weights, optimizer, schedule, RNG); the loop's counters to continue from."""
+    """Load the run's checkpoint (weights, optimizer, schedule, RNG) into what `make_optimizer` built, from
+    safetensors and JSON only; the loop's counters to continue from."""
     state = {"step": 0, "nonfinite_total": 0, "nonfinite_run": 0}
     if run.checkpoint is None:
         return state
-    run.accelerator.load_state(str(run.checkpoint))
-    saved = json.loads((run.checkpoint / TRAIN_STATE).read_text())
+    checkpoints.check_files(run.checkpoint)
+    saved = checkpoints.read_json(run.checkpoint, TRAIN_STATE)
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(k), int) for k in state):
+        raise PrefpipeError(f"--resume: {run.checkpoint / TRAIN_STATE} lacks the step counters prefpipe writes")
+    written, now = saved.get("sharding"), sharding(run.accelerator)
+    if written != now:
+        raise PrefpipeError(
+            f"--resume: {run.checkpoint} was written {f'sharded ({written})' if written else 'unsharded'} and this run is "
+            f"{f'sharded ({now})' if now else 'unsharded'}: resume it launched as it was written "
+            f"({LAUNCH_FSDP if written else 'without --use_fsdp'})"
+        )
+    if run.trainables is None:
+        raise RuntimeError("resume before make_optimizer")
+    checkpoints.load_state(run.checkpoint, run.trainables, run.accelerator)
     state.update({k: saved[k] for k in state})
     if saved.get("processes", run.world) != run.world:
         run.echo(f"train: warning: {run.checkpoint} was written by {saved['processes']} processes, this run has "
@@ -203,19 +282,28 @@ def start_run_folder(run: Run, resolved: dict, start_step: int) -> None:
 
 
 def finish_run(run: Run, unet, family: str) -> Path | None:
-    """Export what diffusers loads (the LoRA file, or RUN/unet) and plot the curves; ends the trackers."""
+    """Export what diffusers loads (the LoRA file, or RUN/unet) and plot the curves; ends the trackers.
+
+    Returns when the export is on disk for every process. The process group stays up (a caller such as the
+    D3PO rounds trains again in the same processes); `prefpipe train` ends it when the command is done.
+    """
     from trainer import export
     from trainer.curves import plot_training_curves, read_metrics
 
     run.accelerator.wait_for_everyone()
     exported = None
+    # sharded: every process takes part in gathering the full state dict, which only the main process receives
+    gathered = run.accelerator.get_state_dict(unet) if run.sharded else None
     if run.main:
         trained = run.accelerator.unwrap_model(unet)
-        exported = export.save_full_unet(trained, run.out) if run.cfg.full else export.save_lora(trained, run.out, family)
+        exported = (export.save_full_unet(trained, run.out, gathered) if run.cfg.full
+                    else export.save_lora(trained, run.out, family))
         metrics = run.out / "metrics.jsonl"
         if metrics.exists():
             plot_training_curves({"": read_metrics(metrics)}, run.out / "curves.png")
-    run.accelerator.end_training()
+    for tracker in run.accelerator.trackers:
+        tracker.finish()
+    run.accelerator.wait_for_everyone()
     return exported
 
 
@@ -237,3 +325,17 @@ def run_summary(run: Run, max_steps: int, start_step: int, wall: float, last: di
         f"{state['nonfinite_total']} non-finite steps skipped; wrote {exported}"
     )
     return summary
+
+
+def check_resumed_data(run: Run, digest: str) -> None:
+    """A resumed run goes on with the data it started with: `digest` (the content digest of its input,
+    recorded as `resolved.data_digest` in train_config.json) must be the one recorded when it started."""
+    saved = run.out / "train_config.json"
+    if run.checkpoint is None or not saved.exists():
+        return
+    old = json.loads(saved.read_text()).get("resolved", {}).get("data_digest")
+    if old is not None and old != digest:
+        raise PrefpipeError(
+            f"--resume: the training data of {run.out} changed since the run started (its content digest was {old}, "
+            f"now {digest}): resume with the same data, or start a new run with another --out"
+        )

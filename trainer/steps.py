@@ -16,12 +16,19 @@ from collections.abc import Callable
 from typing import Any
 
 from prefpipe.core.errors import PrefpipeError
+from trainer.checkpoints import Trainables
 from trainer.config import TrainConfig
-from trainer.run import Run, register_lora_checkpoint_hooks, save_checkpoint
+from trainer.run import Run, save_checkpoint
 
 
-def make_optimizer(run: Run, unet, params, lr: float, max_steps: int, family: str):
-    """AdamW or Adafactor over `params`, the lr schedule, both prepared (LoRA checkpoints hold the adapters)."""
+def make_optimizer(run: Run, unet, params: list, lr: float, max_steps: int, family: str):
+    """AdamW or Adafactor over `params` and the lr schedule; the UNet and the optimizer prepared, and all three
+    kept as `run.trainables`, what checkpoints save and `resume` loads (LoRA runs: the adapters only).
+
+    Sharded (FSDP2, `run.sharded`): `accelerator.prepare` replaces every parameter of `unet` by its shard
+    (the optimizer is switched to the shards, so its state is sharded too); `params`, the caller's list, is
+    emptied first (a full weight is freed only once nothing holds it) and refilled with the shards.
+    """
     cfg, accelerator = run.cfg, run.accelerator
     import torch
     from diffusers.optimization import get_scheduler
@@ -36,10 +43,16 @@ def make_optimizer(run: Run, unet, params, lr: float, max_steps: int, family: st
                                       eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=max_steps)
+    if run.sharded:
+        params.clear()
     unet, optimizer = accelerator.prepare(unet, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler)
-    if not cfg.full:
-        register_lora_checkpoint_hooks(accelerator, family)
+    if run.sharded:
+        params.extend(p for p in unet.parameters() if p.requires_grad)
+        plugin = accelerator.state.fsdp_plugin
+        wrap = getattr(plugin.auto_wrap_policy, "func", plugin.auto_wrap_policy)
+        run.echo(f"train: FSDP2 over {run.world} processes: UNet weights, gradients and {cfg.optimizer} state sharded "
+                 f"(wrap: {getattr(wrap, '__name__', 'one unit')}; checkpoints: one safetensors file per process)")
+    run.trainables = Trainables(unet, optimizer, lr_scheduler, family, full=cfg.full, sharded=run.sharded)
     return unet, optimizer, lr_scheduler
 
 
@@ -61,6 +74,8 @@ def run_steps(run: Run, unet, params, optimizer, lr_scheduler, state: dict, max_
     """Optimizer steps `state["step"]` .. `max_steps`: each sums the gradients of `micro_batches` calls
     ``micro_batch(m) -> (loss, metrics, epoch)`` (m counts this process's micro-batches from the run's start;
     each loss is divided by `micro_batches`), clips, steps, logs the mean metrics and checkpoints.
+    Replicated (DDP), the gradients are synchronised once per step; sharded (FSDP2), after every micro-batch
+    (reduce-scattered into the shards, so accumulation never holds a full-size gradient).
 
     A non-finite loss in any process skips the step in all of them (no update); `cfg.max_nonfinite`
     consecutive ones stop the run with a PrefpipeError (`hint` names the objective's knobs to lower).
@@ -72,7 +87,7 @@ def run_steps(run: Run, unet, params, optimizer, lr_scheduler, state: dict, max_
     from tqdm.auto import tqdm
 
     cfg, out, accelerator = run.cfg, run.out, run.accelerator
-    main, device = accelerator.is_main_process, accelerator.device
+    main, device, sharded = accelerator.is_main_process, accelerator.device, run.sharded
     start_step, nonfinite_total, nonfinite_run = state["step"], state["nonfinite_total"], state["nonfinite_run"]
     bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step",
                disable=not main or cfg.no_progress, dynamic_ncols=True)
@@ -86,7 +101,8 @@ def run_steps(run: Run, unet, params, optimizer, lr_scheduler, state: dict, max_
         totals: dict[str, Any] = {}
         finite = True
         for j in range(micro_batches):
-            sync = contextlib.nullcontext() if j == micro_batches - 1 else accelerator.no_sync(unet)
+            last_one = j == micro_batches - 1
+            sync = contextlib.nullcontext() if last_one or sharded else accelerator.no_sync(unet)
             with sync:
                 loss, metrics, epoch = micro_batch(step * micro_batches + j)
                 finite = bool(accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min() > 0)
@@ -98,6 +114,8 @@ def run_steps(run: Run, unet, params, optimizer, lr_scheduler, state: dict, max_
         if finite:
             if cfg.max_grad_norm > 0:
                 grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                if hasattr(grad_norm, "full_tensor"):  # sharded gradients: their norm is a DTensor
+                    grad_norm = grad_norm.full_tensor()
                 totals["grad_norm"] = torch.as_tensor(grad_norm, dtype=torch.float32, device=device)
             optimizer.step()
             nonfinite_run = 0

@@ -2,7 +2,9 @@
 
 - LoRA (default): adapters on the target modules, B at zero so the policy starts as the reference; the
   reference is the same UNet with its adapters switched off (:func:`adapters_disabled`), no second copy.
-- `--full`: every weight trains (fp32); the reference is a frozen copy in the weight dtype.
+- `--full`: every weight trains (fp32); the reference is a frozen copy in the weight dtype, put on the
+  run's device by :func:`place_reference`: whole, or under FSDP sharded like the policy (each process holds
+  1/N of it and all-gathers one block at a time in its no-grad forward).
 - `--reference-copy`: LoRA with a separate frozen reference (the paper's layout, for comparison).
 - `--init-from RUN`: an earlier run's LoRA (or UNet) loaded into the policy only; the reference stays the base.
 """
@@ -19,20 +21,21 @@ from prefpipe.core.errors import PrefpipeError
 from prefpipe.models import load_unet, unet_folder
 from trainer.config import TrainConfig
 from trainer.losses import Objective
+from trainer.run import Run
 
 
-def prepare_unet(unet, cfg: TrainConfig, objective: Objective, device, weight_dtype, family: str):
+def prepare_unet(unet, cfg: TrainConfig, objective: Objective, weight_dtype, family: str):
     """Make `unet` trainable: LoRA adapters (B = 0, so the policy starts as the reference) or every weight;
     the reference (a frozen copy, only for --full or --reference-copy; otherwise the adapters are switched
-    off); then --init-from loads an earlier run's weights into the policy only. Returns (unet, ref_unet or
-    None, trainable params)."""
+    off; it stays where the base was loaded until :func:`place_reference`); then --init-from loads an
+    earlier run's weights into the policy only. Returns (unet, ref_unet or None, trainable params)."""
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)  # the LoRA initialisation (A gaussian, B zero): the same in every process and run
     unet.requires_grad_(False)
     ref_unet = None
     if (cfg.full or cfg.reference_copy) and objective.needs_reference:
-        ref_unet = copy.deepcopy(unet).to(device, weight_dtype).eval()  # the base model, before --init-from
+        ref_unet = copy.deepcopy(unet).to(weight_dtype).eval()  # the base model, before --init-from
     if cfg.full:
         unet.requires_grad_(True)  # trainable weights stay float32; autocast runs the forward in weight_dtype
     else:
@@ -55,6 +58,22 @@ def prepare_unet(unet, cfg: TrainConfig, objective: Objective, device, weight_dt
     if not params:
         raise PrefpipeError(f"--lora-targets {cfg.lora_targets}: no module of this UNet matches")
     return unet, ref_unet, params
+
+
+def place_reference(run: Run, ref_unet):
+    """The frozen reference on the run's device (after `make_optimizer` prepared the policy): whole, or when
+    the run is sharded (FSDP2), sharded by accelerate's own `fsdp2_prepare_model` with the launcher's plugin
+    (same wrap policy, offload and mixed precision as the policy). It is not registered with the accelerator,
+    so checkpoints do not hold it: a resumed run rebuilds it from the base model. None stays None."""
+    if ref_unet is None:
+        return None
+    if not run.sharded:
+        return ref_unet.to(run.device)
+    from accelerate.utils import fsdp2_prepare_model
+
+    ref_unet = fsdp2_prepare_model(run.accelerator, ref_unet)
+    run.echo(f"train: FSDP2: the frozen reference is sharded over {run.world} processes too")
+    return ref_unet.eval()
 
 
 def load_init_weights(unet, cfg: TrainConfig, family: str) -> None:

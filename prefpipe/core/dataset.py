@@ -15,19 +15,16 @@ A stage's output is a folder of shards plus `_prefpipe.json`:
 - Shard names follow the hub convention, so `datasets.load_dataset(folder)` reads a `train` split
   (it ignores `_prefpipe.json` and the hidden temporary files).
 
-Every other file prefpipe writes whole (a manifest, a report, a cache unit, a model folder) goes through
-the one write-to-temporary-then-rename here, :func:`atomic_output` / :func:`write_atomic`.
+Beside it: `prefpipe.core.tables` reads dataset folders (their Parquet files and manifest),
+`prefpipe.core.identity` names a dataset by its content, and `prefpipe.core.files` writes any file whole.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import glob
-import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from importlib import metadata
@@ -38,9 +35,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from prefpipe.core.errors import PrefpipeError
+from prefpipe.core.files import TEMP_TAG, fsync_dir, sha256_file, write_atomic
+from prefpipe.core.identity import input_fingerprint
 from prefpipe.core.schema import conform
+from prefpipe.core.tables import MANIFEST, read_manifest
 
-MANIFEST = "_prefpipe.json"
 FORMAT_VERSION = 1
 _VERSIONED = ("prefpipe", "torch", "diffusers", "transformers", "open_clip_torch", "peft", "accelerate", "pyarrow")
 
@@ -60,58 +59,30 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def barrier() -> None:
+    """Wait until every process of an `accelerate launch` gets here (nothing to wait for in one process).
+
+    Every stage function calls it before it returns, so a dataset a stage function returned is complete in
+    every process: the next stage (pairs after scores, the next D3PO round) and the summaries read it whole.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        rank_world()  # the state, created as rank_world creates it (CPU processes: gloo)
+        PartialState().wait_for_everyone()
+
+
+def is_main_process() -> bool:
+    """Rank 0 of an `accelerate launch`, or the only process: the one that prints summaries and reports."""
+    return rank_world()[0] == 0
+
+
 def library_versions() -> dict[str, str]:
     out = {}
     for name in _VERSIONED:
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[name] = metadata.version(name)
     return out
-
-
-def fingerprint(*parts: Any) -> str:
-    """A short stable hash of JSON-able parts (prompt lists, file names and sizes, manifests)."""
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(json.dumps(p, sort_keys=True, default=str).encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | Path, suffix: str = "") -> Iterator[Path]:
-    """The one write-to-temporary-then-rename: the file (or folder) at `path` appears whole or not at all.
-
-    Yields a hidden temporary path beside `path` (`.NAME.PID.tmpSUFFIX`; `suffix` keeps an extension that a
-    writer insists on). When the block ends without error the temporary is synced and renamed over `path`
-    (a folder replaces a folder); on an error, or a kill, no partial `path` is left (a stale temporary may).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
-    try:
-        yield tmp
-        if tmp.is_dir():
-            if path.is_dir():
-                shutil.rmtree(path)
-        else:
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_atomic(path: str | Path, data: str | bytes) -> None:
-    """Write `data` (text as UTF-8) to `path` through :func:`atomic_output`."""
-    with atomic_output(path) as tmp:
-        if isinstance(data, str):
-            tmp.write_text(data, encoding="utf-8")
-        else:
-            tmp.write_bytes(data)
 
 
 def shard_name(unit: int, n_units: int) -> str:
@@ -144,6 +115,9 @@ class ShardedDataset:
         self.n_units = n_units
         self.schema = schema
         self.runtime = runtime or {}
+        self.busy: list[int] = []  # units skipped because another live process held them
+        self._claimed: set[int] = set()
+        self._units_lock = None
 
     # -- manifest ------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -171,6 +145,8 @@ class ShardedDataset:
         m = read_manifest(self.folder)
         if m:
             self._check_same_job(m)
+            if not m.get("complete") and all(self.is_done(u) for u in range(self.n_units)):
+                self._mark_complete()  # a run killed after its last rename, before it said so
         elif self.folder.exists() and any(self.folder.glob("*.parquet")):
             raise PrefpipeError(
                 f"--out {self.folder} already holds Parquet files that prefpipe did not write "
@@ -242,34 +218,83 @@ class ShardedDataset:
         return [u for u in self.units_for(rank, world) if not self.is_done(u)]
 
     @contextlib.contextmanager
+    def claim(self, unit: int) -> Iterator[bool]:
+        """Hold unit `unit` for this process while the block runs: True, or False when another live process
+        (another launch into the same folder) holds it. A POSIX record lock on `.prefpipe.units.lock`, byte
+        `unit`: the system releases it when its process dies, so a killed run never leaves a unit held."""
+        if unit in self._claimed:
+            yield True
+            return
+        if self._units_lock is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._units_lock = open(self.folder / ".prefpipe.units.lock", "a+")  # noqa: SIM115 - held for the dataset's life
+        try:
+            fcntl.lockf(self._units_lock, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, unit)
+        except OSError:
+            yield False
+            return
+        self._claimed.add(unit)
+        try:
+            yield True
+        finally:
+            self._claimed.discard(unit)
+            fcntl.lockf(self._units_lock, fcntl.LOCK_UN, 1, unit)
+
+    def claim_each(self, units: list[int]) -> Iterator[int]:
+        """The units of `units` this process holds in turn and still has to write; each is held until the next
+        is asked for. Units another live process is writing are skipped and counted in `self.busy`, so two
+        launches into one folder share the work instead of writing a unit twice."""
+        for unit in units:
+            with self.claim(unit) as mine:
+                if not mine:
+                    self.busy.append(unit)
+                    continue
+                if not self.is_done(unit):
+                    yield unit
+
+    @contextlib.contextmanager
     def write_unit(self, unit: int) -> Iterator[UnitWriter]:
         """Write one unit's shard: rows go to a hidden temporary file, renamed on success.
 
-        On an exception the temporary file is removed and nothing is recorded.
+        The unit is held (:meth:`claim`) for the duration: a temporary file of this unit left in the folder is
+        then a dead process's, and removed. On an exception the temporary file is removed and nothing is
+        recorded.
         """
-        final = self.shard_path(unit)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        for stale in self.folder.glob(f".{final.name}.*.tmp"):  # left by a killed run; a unit has one owner
-            stale.unlink(missing_ok=True)
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        writer = UnitWriter(tmp, self.schema)
-        try:
-            yield writer
-            writer.close()
-            # The unit's counters go into the manifest *before* its shard appears: a kill in between leaves
-            # an entry without a shard, which stats() ignores and the re-run of the unit overwrites. (After
-            # the rename, a kill would leave a finished shard whose counters were never recorded.)
-            with self._locked_manifest() as m:
-                if not m:
-                    self._init_manifest(m)
-                m["runtime"] = self.runtime
-                m.setdefault("units", {})[final.name] = {"rows": writer.rows, **writer.stats}
-            os.replace(tmp, final)  # atomic: the shard appears whole or not at all
-        except BaseException:
-            writer.abort()
-            raise
+        with self.claim(unit) as mine:
+            if not mine:
+                raise PrefpipeError(f"{self.folder}: another process is writing unit {unit}; run one launch per "
+                                    "folder, or let them share it (each skips the units the other holds)")
+            final = self.shard_path(unit)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for stale in self.folder.glob(f".{final.name}.*.tmp"):  # a dead process's: we hold the unit
+                stale.unlink(missing_ok=True)
+            tmp = final.with_name(f".{final.name}.{TEMP_TAG}.tmp")
+            writer = UnitWriter(tmp, self.schema)
+            try:
+                yield writer
+                writer.close()
+                # The unit's counters go into the manifest *before* its shard appears: a kill in between leaves
+                # an entry without a shard, which stats() ignores and the re-run of the unit overwrites. (After
+                # the rename, a kill would leave a finished shard whose counters were never recorded.)
+                with self._locked_manifest() as m:
+                    if not m:
+                        self._init_manifest(m)
+                    m["runtime"] = self.runtime
+                    m.setdefault("units", {})[final.name] = {"rows": writer.rows, **writer.stats}
+                    m.setdefault("files", {})[final.name] = writer.identity  # its content digest (see dataset_digest)
+                os.replace(tmp, final)  # atomic: the shard appears whole or not at all (size and mtime kept)
+                fsync_dir(self.folder)  # and the rename survives a power loss
+            except BaseException:
+                writer.abort()
+                raise
+        if all(self.is_done(u) for u in range(self.n_units)):
+            self._mark_complete()
+
+    def _mark_complete(self) -> None:
         with self._locked_manifest() as m:
             m["complete"] = all(self.is_done(u) for u in range(self.n_units))
+            if m["complete"]:
+                m["digest"] = input_fingerprint(self.folder)
 
     def stats(self) -> dict[str, int]:
         """Counters summed over finished units (rows written, and each stage's own counters): units whose
@@ -299,6 +324,7 @@ class UnitWriter:
         self.schema = schema
         self.rows = 0
         self.stats: dict[str, int] = {}
+        self.identity: dict[str, Any] = {}  # sha256, bytes, mtime_ns of the closed file
         self._writer: pq.ParquetWriter | None = None
 
     def write(self, table: pa.Table) -> None:
@@ -321,6 +347,8 @@ class UnitWriter:
         self._writer.close()
         with open(self.path, "rb") as f:
             os.fsync(f.fileno())
+        st = self.path.stat()
+        self.identity = {"sha256": sha256_file(self.path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):
@@ -336,55 +364,3 @@ def _compression(schema: pa.Schema) -> dict[str, str]:
     return {f.name: "none" if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type) else "zstd" for f in schema}
 
 
-# -- reading -----------------------------------------------------------------------------------
-def read_manifest(folder: str | Path) -> dict:
-    path = Path(folder) / MANIFEST
-    if not path.exists():
-        return {}
-    return json.loads(path.read_text())
-
-
-def parquet_files(source: str | Path) -> list[Path]:
-    """The Parquet files of a dataset folder (recursively, hidden files excluded), a glob, or one file."""
-    s = str(source)
-    if any(ch in s for ch in "*?["):
-        files = [Path(p) for p in sorted(glob.glob(s, recursive=True))]
-    else:
-        p = Path(s)
-        if p.is_file():
-            files = [p]
-        elif p.is_dir():
-            files = sorted(
-                f for f in p.rglob("*.parquet") if not any(part.startswith(".") for part in f.relative_to(p).parts)
-            )
-        else:
-            raise PrefpipeError(f"{s}: no such file or folder")
-    files = [f for f in files if f.suffix == ".parquet" and not f.name.startswith(".")]
-    if not files:
-        raise PrefpipeError(f"{s}: no .parquet files found")
-    return files
-
-
-def dataset_schema(source: str | Path) -> pa.Schema:
-    return pq.ParquetFile(parquet_files(source)[0]).schema_arrow
-
-
-def input_fingerprint(source: str | Path) -> str:
-    """Identity of an input dataset: its files' names and sizes (cheap; content changes change sizes)."""
-    files = parquet_files(source)
-    return fingerprint([(str(f.name), f.stat().st_size) for f in files])
-
-
-def row_group_units(source: str | Path) -> list[tuple[Path, int]]:
-    """Every (file, row group) of a dataset: the natural units of a stage that reads it."""
-    return [(f, i) for f in parquet_files(source) for i in range(pq.ParquetFile(f).num_row_groups)]
-
-
-def iter_batches(source: str | Path, columns: list[str] | None = None, batch_size: int = 256) -> Iterator[pa.RecordBatch]:
-    """Stream a dataset batch by batch (bounded memory, whatever its size)."""
-    for f in parquet_files(source):
-        yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
-
-
-def count_rows(source: str | Path) -> int:
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in parquet_files(source))

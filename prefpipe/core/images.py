@@ -3,9 +3,20 @@
     decode(data)        -> a fully loaded PIL image, or BadImage naming why (empty, undecodable, zero size,
                            more pixels than MAX_PIXELS)
     decode_rgb(data)    -> the same, converted to RGB (what the trainer and the VAE need)
+    to_rgb(image)       -> (RGB image, how it was converted or None): the one mode policy
+    size_mismatch(...)  -> why an image's size is not the size its table declares, or None
     ImageChecker        -> ingest's check of bytes it stores: header parse, full decode, or none; shrinking
 
 A bad image is a bad row (counted, logged with its key, skipped), never a crash: callers catch BadImage.
+
+The policies (the README's "bad input" paragraph states them):
+- pixels: more than MAX_PIXELS (from the header, before decoding) is a bad image;
+- mode: everything is scored and trained as 8-bit RGB: alpha is dropped (as the scorers' references do),
+  palette and grayscale are expanded, CMYK goes through Pillow's conversion, 16-bit images are scaled to
+  8 bits (Pillow's plain conversion would clip them to white); each conversion is named (`to_rgb`), and
+  the stages count and log it;
+- size: a candidate whose image is not the width x height its row declares is a bad row (a 1x1 image in a
+  64x64 table would otherwise win every compressibility pair).
 """
 
 from __future__ import annotations
@@ -53,9 +64,31 @@ def decode(data: bytes | None) -> Image.Image:
 
 
 def decode_rgb(data: bytes | None) -> Image.Image:
-    """:func:`decode`, then converted to RGB (alpha dropped, grayscale replicated)."""
-    im = decode(data)
-    return im if im.mode == "RGB" else im.convert("RGB")
+    """:func:`decode`, then converted to RGB by :func:`to_rgb`."""
+    return to_rgb(decode(data))[0]
+
+
+def to_rgb(im: Image.Image) -> tuple[Image.Image, str | None]:
+    """(the image as 8-bit RGB, how it was converted; None when it already was RGB)."""
+    if im.mode == "RGB":
+        return im, None
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        import numpy as np
+
+        wide = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") else max(float(wide.max()), 1.0)
+        eight = np.clip(np.round(wide * 255.0 / top), 0, 255).astype(np.uint8)
+        return Image.fromarray(eight, "L").convert("RGB"), f"{im.mode} scaled to 8-bit"
+    has_alpha = "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info)
+    note = f"{im.mode}{' with alpha' if im.mode == 'P' and has_alpha else ''} converted to RGB"
+    return im.convert("RGB"), note + (" (alpha dropped)" if has_alpha else "")
+
+
+def size_mismatch(im: Image.Image, width: int | None, height: int | None) -> str | None:
+    """Why `im` is not the declared `width` x `height` (None when it is, or when nothing is declared)."""
+    if width is None or height is None or (im.width, im.height) == (width, height):
+        return None
+    return f"image is {im.width}x{im.height}, its row declares {width}x{height}"
 
 
 class ImageChecker:

@@ -16,12 +16,30 @@ So `--help`, the Python API and the recorded options can never disagree.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 from prefpipe.core.errors import PrefpipeError
+
+
+def finite_float(lo: float | None = None, hi: float | None = None):
+    """A click type for a float option: a finite number (`nan` and `inf` are refused, naming the option),
+    within [lo, hi] when given."""
+    import click
+
+    class FiniteFloat(click.FloatRange):
+        name = "float"
+
+        def convert(self, value, param, ctx):
+            number = click.FLOAT.convert(value, param, ctx)
+            if not math.isfinite(number):
+                self.fail(f"{value!r} is not a finite number", param, ctx)
+            return super().convert(number, param, ctx)
+
+    return FiniteFloat(min=lo, max=hi)
 
 
 def option(default: Any, help: str, **extra: Any) -> Any:
@@ -102,8 +120,10 @@ def click_options(cls: type, *, only: Sequence[str] | None = None, exclude: Iter
                 elif base in (int, float):
                     limits = {**{k: f.metadata.get(k) for k in ("min", "max")}, **bounds.get(f.name, {})}
                     lo, hi = limits.get("min"), limits.get("max")
-                    ranged = click.IntRange if base is int else click.FloatRange
-                    kwargs["type"] = ranged(min=lo, max=hi) if lo is not None or hi is not None else base
+                    if base is float:
+                        kwargs["type"] = finite_float(lo, hi)
+                    else:
+                        kwargs["type"] = click.IntRange(min=lo, max=hi) if lo is not None or hi is not None else int
                 else:
                     kwargs["type"] = str
                 if typing.get_origin(tp) is tuple:
@@ -128,6 +148,8 @@ def validate_fields(obj: Any) -> None:
         value = getattr(obj, f.name)
         if f.metadata.get("required") and value in (None, ""):
             raise PrefpipeError(f"--{cli_name(f.name)} is required")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise PrefpipeError(f"--{cli_name(f.name)} {value}: must be a finite number")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             lo, hi = f.metadata.get("min"), f.metadata.get("max")
             if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -166,4 +188,6 @@ def parse_assignments(items: Sequence[str], cls: type, flag: str, what: str) -> 
                 out[name] = base(value)
             except ValueError as e:
                 raise PrefpipeError(f"{flag} {item}: {value!r} is not a {base.__name__}") from e
+            if base is float and not math.isfinite(out[name]):
+                raise PrefpipeError(f"{flag} {item}: {value!r} is not a finite number")
     return out

@@ -89,9 +89,9 @@ def _raw_prompts(path: Path) -> list[tuple[str, object]]:
             # line numbers count the header as line 1
             return [(f"line {i}", row.get(col)) for i, row in enumerate(reader, start=2)]
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
+        from prefpipe.core.tables import parquet_file
 
-        pf = pq.ParquetFile(path)
+        pf = parquet_file(path)
         col = _column(pf.schema_arrow.names, path)
         values = pf.read(columns=[col]).column(col).to_pylist()
         return [(f"row {i}", v) for i, v in enumerate(values)]
@@ -107,7 +107,12 @@ def read_prompts(path: str | Path, limit: int | None = None) -> PromptSet:
         raise PrefpipeError(f"--prompts {path}: is a folder; give a .txt, .jsonl, .parquet or .tsv file")
     ps = PromptSet([], [], str(path))
     seen: set[str] = set()
-    for where, value in _raw_prompts(path):
+    try:
+        raw = _raw_prompts(path)
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise PrefpipeError(f"--prompts {path}, line {line}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+    for where, value in raw:
         ps.read += 1
         if value is not None and not isinstance(value, str):
             raise PrefpipeError(f"{path}, {where}: prompt is {type(value).__name__}, expected text")

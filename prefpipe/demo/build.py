@@ -18,8 +18,8 @@ import click
 import numpy as np
 import torch
 
-from prefpipe.core.dataset import atomic_output
 from prefpipe.core.errors import PrefpipeError
+from prefpipe.core.files import atomic_output
 from prefpipe.demo.model import (
     QUICK,
     DemoConfig,

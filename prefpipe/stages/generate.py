@@ -24,8 +24,9 @@ from typing import Literal
 import click
 import pyarrow as pa
 
-from prefpipe.core.dataset import ShardedDataset, fingerprint, rank_world
+from prefpipe.core.dataset import ShardedDataset, barrier, rank_world
 from prefpipe.core.errors import PrefpipeError
+from prefpipe.core.identity import fingerprint
 from prefpipe.core.options import click_options, option, validate_fields
 from prefpipe.core.prompts import read_prompts
 from prefpipe.core.schema import CANDIDATES
@@ -223,7 +224,7 @@ def generate(
     )
     t_start = time.perf_counter()
     t_pipe = 0.0
-    for unit in todo:
+    for unit in ds.claim_each(todo):
         lo = unit * opts.prompts_per_shard
         unit_prompts = list(zip(ps.ids[lo : lo + opts.prompts_per_shard], ps.prompts[lo : lo + opts.prompts_per_shard]))
         jobs = [(pid, text, c) for pid, text in unit_prompts for c in range(opts.per_prompt)]
@@ -289,6 +290,8 @@ def _shared_noise(pipe, seed: int, prompt_ids: list[str], size: tuple[int, int])
 
 
 def _summary(ds: ShardedDataset, counters: dict, wall: float, t_pipe: float, rank: int, world: int) -> None:
+    """Each process's line, after every process has finished its share (so `done` is the whole dataset's)."""
+    barrier()
     done = sum(ds.is_done(u) for u in range(ds.n_units))
     line = (
         f"generate: {counters['images']} images in {counters['units_written']} new shards "

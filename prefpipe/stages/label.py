@@ -20,18 +20,26 @@ import click
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from labelers.registry import parse_weights
-from prefpipe.core.dataset import ShardedDataset, fingerprint, input_fingerprint, parquet_files, rank_world
+from prefpipe.core.dataset import ShardedDataset, barrier, is_main_process, rank_world
 from prefpipe.core.errors import PrefpipeError
+from prefpipe.core.files import write_atomic
+from prefpipe.core.identity import fingerprint, input_fingerprint
+from prefpipe.core.options import finite_float
 from prefpipe.core.prompts import prompt_id
 from prefpipe.core.schema import PAIRS, SCORES, check_columns, conform
-from prefpipe.core.stats import best_tie_threshold, tie_aware_points, wilson_interval
+from prefpipe.core.stats import best_tie_threshold, stable_halves, tie_aware_points, wilson_interval
+from prefpipe.core.tables import parquet_file, parquet_files
 from prefpipe.stages.pairs import PairCounts, PairOptions, build_pairs
 from prefpipe.stages.scoring import load_scorers, score_rows
 
 log = logging.getLogger("prefpipe.label")
+
+
+# score_rows' reasons -> the counters label and relabel keep
+SCORE_DROPS = {"bad_image": "bad_images", "size_mismatch": "size_mismatch", "nonfinite_score": "nonfinite_scores",
+               "empty_caption": "empty_captions"}
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -53,9 +61,12 @@ def score_candidates(
     progress: bool = True,
     scorers=None,
 ) -> ShardedDataset:
-    """Score every candidate image with every scorer into a long scores dataset at `out`."""
+    """Score every candidate image with every scorer into a long scores dataset at `out`.
+
+    Each process scores its share of the candidates files; the function returns when every share is done.
+    """
     files = parquet_files(candidates)
-    check_columns(pq.read_schema(files[0]), {"prompt_id": pa.string(), "candidate": pa.int32(),
+    check_columns(parquet_file(files[0]).schema_arrow, {"prompt_id": pa.string(), "candidate": pa.int32(),
                                               "prompt": pa.string(), "image": pa.binary()}, str(files[0]))
     rank, world = rank_world()
     ds = ShardedDataset(
@@ -64,20 +75,27 @@ def score_candidates(
     ).open()
     todo = ds.pending(rank, world)
     if not todo:
+        barrier()
         return ds
     scorers = scorers or load_scorers(scorer_names, weights, batch_size=batch_size, device=device, dtype=dtype)
-    total = sum(pq.ParquetFile(files[u]).metadata.num_rows for u in todo)
+    total = sum(parquet_file(files[u]).metadata.num_rows for u in todo)
     bar = _progress(total, "score", progress)
-    for unit in todo:
+    for unit in ds.claim_each(todo):
         with ds.write_unit(unit) as writer:
-            pf = pq.ParquetFile(files[unit])
-            for batch in pf.iter_batches(batch_size=max(batch_size, 64), columns=["prompt_id", "candidate", "prompt", "image"]):
+            pf = parquet_file(files[unit])
+            sized = {"width", "height"} <= set(pf.schema_arrow.names)
+            columns = ["prompt_id", "candidate", "prompt", "image"] + (["width", "height"] if sized else [])
+            for batch in pf.iter_batches(batch_size=max(batch_size, 64), columns=columns):
                 rows = batch.to_pydict()
-                scored = score_rows(scorers, [rows["image"]], rows["prompt"])
-                for i, _why in scored.bad:
-                    writer.count("bad_images")
-                    log.warning("score: undecodable image %s/%s in %s, skipped",
-                                rows["prompt_id"][i], rows["candidate"][i], files[unit].name)
+                scored = score_rows(scorers, [rows["image"]], rows["prompt"],
+                                    sizes=list(zip(rows["width"], rows["height"])) if sized else None)
+                for i, reason, why in scored.bad:
+                    writer.count(SCORE_DROPS[reason])
+                    log.warning("score: %s/%s in %s skipped: %s", rows["prompt_id"][i], rows["candidate"][i],
+                                files[unit].name, why)
+                for i, note in scored.converted:
+                    writer.count("images_converted")
+                    log.info("score: %s/%s in %s: %s", rows["prompt_id"][i], rows["candidate"][i], files[unit].name, note)
                 keep = scored.kept
                 for scorer in scorers:
                     writer.write(pa.table({
@@ -89,6 +107,7 @@ def score_candidates(
                 writer.count("images", len(keep))
                 bar.update(batch.num_rows)
     bar.close()
+    barrier()  # every process's shards are there: the scores are complete wherever this returns
     return ds
 
 
@@ -112,7 +131,7 @@ def build_pair_dataset(
         out, "pair", asdict(opts), fingerprint(input_fingerprint(scores), input_fingerprint(candidates)),
         len(score_files), PAIRS,
     ).open()
-    for unit in ds.pending(rank, world):
+    for unit in ds.claim_each(ds.pending(rank, world)):
         counts = PairCounts()
         pairs = build_pairs(pl.read_parquet(score_files[unit]), opts, counts)
         with ds.write_unit(unit) as writer:
@@ -120,6 +139,7 @@ def build_pair_dataset(
                 writer.write(_pairs_table(pairs, cand_files[unit]))
             for k, v in counts.as_dict().items():
                 writer.count(k, v)
+    barrier()  # the pairs are complete wherever this returns
     return ds
 
 
@@ -165,14 +185,16 @@ def relabel_pairs(
     device: str = "auto",
     dtype: str | None = None,
     progress: bool = True,
+    scorers=None,
 ) -> ShardedDataset:
     """Score both images of human pairs; write AI labels beside the human ones.
 
     Output rows: the pair's keys and human label, and per scorer `<name>_score_0`, `<name>_score_1`,
-    `<name>_label_0` (1 / 0 / 0.5 on equal scores). Images are not copied.
+    `<name>_label_0` (1 / 0 / 0.5 on equal scores). Images are not copied. `scorers`: scorers already
+    built, named as `scorer_names` in that order (default: built from the names and `weights`).
     """
     files = parquet_files(pairs)
-    check_columns(pq.read_schema(files[0]), {"caption": pa.string(), "jpg_0": pa.binary(), "jpg_1": pa.binary(),
+    check_columns(parquet_file(files[0]).schema_arrow, {"caption": pa.string(), "jpg_0": pa.binary(), "jpg_1": pa.binary(),
                                               "label_0": pa.float64()}, str(files[0]))
     rank, world = rank_world()
     fields = [pa.field("prompt_id", pa.string()), pa.field("caption", pa.string()),
@@ -186,11 +208,15 @@ def relabel_pairs(
                         len(files), schema, runtime={"batch_size": batch_size, "device": device}).open()
     todo = ds.pending(rank, world)
     if not todo:
+        barrier()
         return ds
-    scorers = load_scorers(scorer_names, weights, batch_size=batch_size, device=device, dtype=dtype)
-    bar = _progress(sum(pq.ParquetFile(files[u]).metadata.num_rows for u in todo), "relabel", progress)
-    for unit in todo:
-        pf = pq.ParquetFile(files[unit])
+    if scorers is None:
+        scorers = load_scorers(scorer_names, weights, batch_size=batch_size, device=device, dtype=dtype)
+    elif [s.name for s in scorers] != list(scorer_names):
+        raise PrefpipeError(f"scorers {[s.name for s in scorers]} do not match the names {list(scorer_names)}")
+    bar = _progress(sum(parquet_file(files[u]).metadata.num_rows for u in todo), "relabel", progress)
+    for unit in ds.claim_each(todo):
+        pf = parquet_file(files[unit])
         cols = [c for c in ("caption", "jpg_0", "jpg_1", "label_0", "image_0_uid", "image_1_uid", "prompt_id")
                 if c in pf.schema_arrow.names]
         with ds.write_unit(unit) as writer:
@@ -198,11 +224,15 @@ def relabel_pairs(
                 rows = batch.to_pydict()
                 n = batch.num_rows
                 scored = score_rows(scorers, [rows["jpg_0"], rows["jpg_1"]], rows["caption"],
-                                    keep=lambda i, rows=rows: None if (rows["caption"][i] or "").strip() else "empty caption")
-                for i, _why in scored.bad:
+                                    keep=lambda i, rows=rows: None if (rows["caption"][i] or "").strip() else "empty caption",
+                                    keep_reason="empty_caption")
+                for i, reason, why in scored.bad:
                     writer.count("bad_rows")
-                    log.warning("relabel: bad row %s (undecodable image or empty caption) in %s, skipped",
-                                (rows.get("image_0_uid") or [None] * n)[i] or i, files[unit].name)
+                    writer.count(SCORE_DROPS[reason])
+                    log.warning("relabel: bad row %s in %s skipped: %s", (rows.get("image_0_uid") or [None] * n)[i] or i,
+                                files[unit].name, why)
+                for _i, _note in scored.converted:
+                    writer.count("images_converted")
                 keep = scored.kept
                 out_rows = {
                     "prompt_id": [(rows.get("prompt_id") or [None] * n)[i] or prompt_id(rows["caption"][i]) for i in keep],
@@ -220,25 +250,35 @@ def relabel_pairs(
                 writer.count("pairs", len(keep))
                 bar.update(n)
     bar.close()
+    barrier()  # the relabelled table is complete wherever this returns
     return ds
 
 
 def agreement_report(relabel: str | Path, scorer_names: list[str]) -> dict:
     """Per scorer: accuracy against the human label on non-tie pairs (95% Wilson interval), and the
     PickScore paper's tie-aware accuracy (tie threshold chosen on split A, reported on split B; the
-    split is a stable hash of the pair's key, half and half)."""
-    df = pl.read_parquet(parquet_files(relabel))
-    key = pl.col("image_0_uid").fill_null("") + pl.col("image_1_uid").fill_null("") + pl.col("caption")
-    df = df.with_columns(split=(key.hash(seed=0) % 2))
-    report = {"pairs": df.height, "human_ties": int((df["label_0"] == 0.5).sum()), "scorers": {}}
+    split is the first bit of the SHA-256 of the pair's key, image_0_uid + image_1_uid + caption).
+
+    The table is read a batch at a time; only each pair's label, half and score differences are kept."""
+    key = pl.col("image_0_uid").fill_null("") + pl.col("image_1_uid").fill_null("") + pl.col("caption").fill_null("")
+    columns = ["image_0_uid", "image_1_uid", "caption", "label_0"] + [f"{n}_score_{i}" for n in scorer_names for i in (0, 1)]
+    parts: dict[str, list[np.ndarray]] = {"split": [], "label_0": [], **{n: [] for n in scorer_names}}
+    for f in parquet_files(relabel):
+        for batch in parquet_file(f).iter_batches(batch_size=65_536, columns=columns):
+            df = pl.from_arrow(batch)
+            parts["split"].append(stable_halves(df.select(key).to_series().to_list()))
+            parts["label_0"].append(df["label_0"].to_numpy().astype(float))
+            for name in scorer_names:
+                parts[name].append((df[f"{name}_score_0"] - df[f"{name}_score_1"]).to_numpy().astype(float))
+    cat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+    human, split = cat["label_0"], cat["split"]
+    report = {"pairs": len(human), "human_ties": int((human == 0.5).sum()), "scorers": {}}
     for name in scorer_names:
-        diff = (df[f"{name}_score_0"] - df[f"{name}_score_1"]).to_numpy().astype(float)
-        human = df["label_0"].to_numpy().astype(float)
+        diff = cat[name]
         decided = human != 0.5
         correct = float(np.sum(np.where(diff[decided] == 0, 0.5, (diff[decided] > 0) == (human[decided] > 0.5))))
         n = int(decided.sum())
         lo, hi = wilson_interval(correct, n)
-        split = df["split"].to_numpy()
         a, b = split == 0, split == 1
         threshold = best_tie_threshold(human[a], diff[a]) if a.any() else 0.0
         tie_acc = float(tie_aware_points(human[b], diff[b], threshold).mean()) if b.any() else float("nan")
@@ -265,7 +305,7 @@ def agreement_report(relabel: str | Path, scorer_names: list[str]) -> dict:
 @click.option("--strategy", type=click.Choice(["best-worst", "all", "random-k"]), default="best-worst", show_default=True, help="Which candidates of a prompt to pair.")
 @click.option("--by", default=None, help="Pair by this scorer (needed when several scorers and no --ensemble).")
 @click.option("--ensemble", type=click.Choice(["mean-rank", "unanimous"]), default=None, help="Pair by all scorers: mean of per-scorer ranks, or unanimous vote.")
-@click.option("--min-margin", type=float, default=0.0, show_default=True, help="Pairs closer than this (scorer units) are ties.")
+@click.option("--min-margin", type=finite_float(0.0), default=0.0, show_default=True, help="Pairs closer than this (scorer units) are ties.")
 @click.option("--ties", type=click.Choice(["drop", "keep"]), default="drop", show_default=True, help="Drop ties, or keep them labelled 0.5 (reference trainers read 0.5 as a win!).")
 @click.option("--k", type=click.IntRange(min=1), default=2, show_default=True, help="Pairs per prompt for --strategy random-k.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random-k and of pair positions.")
@@ -285,9 +325,11 @@ def label(scorers, weights, candidates, human_pairs, workdir, strategy, by, ense
     if human_pairs is not None:
         ds = relabel_pairs(human_pairs, workdir / "relabel", names, w, batch_size=batch_size, device=device,
                            dtype=dtype, progress=not no_progress)
+        if not is_main_process():  # the whole table is there: one process reports on it
+            return
         report = agreement_report(ds.folder, names)
         ds.record(agreement=report)
-        (workdir / "relabel" / "agreement.json").write_text(json.dumps(report, indent=2))
+        write_atomic(workdir / "relabel" / "agreement.json", json.dumps(report, indent=2))
         for name, r in report["scorers"].items():
             lo, hi = r["accuracy_ci95"]
             click.echo(f"label: {name} agrees with humans on {100 * r['accuracy_non_tie']:.1f}% of {r['non_tie_pairs']} "
@@ -302,6 +344,8 @@ def label(scorers, weights, candidates, human_pairs, workdir, strategy, by, ense
     scores_ds = score_candidates(candidates, workdir / "scores", names, w, batch_size=batch_size, device=device,
                                  dtype=dtype, progress=not no_progress)
     pairs_ds = build_pair_dataset(scores_ds.folder, candidates, workdir / "pairs" / "ai", opts)
+    if not is_main_process():  # both datasets are complete: one process reports on them
+        return
     s, p = scores_ds.stats(), pairs_ds.stats()
     click.echo(
         f"label: scored {s.get('images', 0)} images with {', '.join(names)} ({s.get('bad_images', 0)} undecodable skipped) "
@@ -319,13 +363,15 @@ def label(scorers, weights, candidates, human_pairs, workdir, strategy, by, ense
 @click.option("--strategy", type=click.Choice(["best-worst", "all", "random-k"]), default="best-worst", show_default=True)
 @click.option("--by", default=None, help="Pair by this scorer.")
 @click.option("--ensemble", type=click.Choice(["mean-rank", "unanimous"]), default=None)
-@click.option("--min-margin", type=float, default=0.0, show_default=True)
+@click.option("--min-margin", type=finite_float(0.0), default=0.0, show_default=True)
 @click.option("--ties", type=click.Choice(["drop", "keep"]), default="drop", show_default=True)
 @click.option("--k", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def pairs_command(scores, candidates, out, **options):
     """Build AI preference pairs from an existing scores dataset (no scoring)."""
     ds = build_pair_dataset(scores, candidates, out, PairOptions(**options))
+    if not is_main_process():
+        return
     st = ds.stats()
     click.echo(f"pairs: {st.get('pairs', 0)} pairs over {st.get('prompts', 0)} prompts "
                f"({st.get('ties_dropped', 0)} ties dropped) -> {ds.folder}", err=True)

@@ -20,12 +20,17 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
 
 from prefpipe.core.errors import PrefpipeError
+
+log = logging.getLogger("prefpipe.label")
+_LOGGED = 20  # candidates with a non-finite score logged one by one per table
 
 STRATEGIES = ("best-worst", "all", "random-k")
 ENSEMBLES = ("mean-rank", "unanimous")
@@ -47,8 +52,8 @@ class PairOptions:
             raise PrefpipeError(f"--strategy {self.strategy}: choose one of {', '.join(STRATEGIES)}")
         if self.ties not in ("drop", "keep"):
             raise PrefpipeError(f"--ties {self.ties}: choose drop or keep")
-        if self.min_margin < 0:
-            raise PrefpipeError(f"--min-margin {self.min_margin}: must be >= 0")
+        if not math.isfinite(self.min_margin) or self.min_margin < 0:
+            raise PrefpipeError(f"--min-margin {self.min_margin}: must be a finite number >= 0")
         if self.k < 1:
             raise PrefpipeError(f"--k {self.k}: must be at least 1")
         if self.ensemble is not None:
@@ -78,6 +83,7 @@ class PairCounts:
     ties_dropped: int = 0
     ties_kept: int = 0
     candidates_missing_scores: int = 0
+    candidates_nonfinite_scores: int = 0  # inf or -inf: counted, logged with the key, never paired
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, int]:
@@ -124,8 +130,13 @@ def build_pairs(scores: pl.DataFrame, opts: PairOptions, counts: PairCounts | No
     for s in used:
         if s not in wide.columns:
             wide = wide.with_columns(pl.lit(None, pl.Float64).alias(s))
-    complete = wide.drop_nulls(subset=used).filter(pl.all_horizontal([pl.col(s).is_not_nan() for s in used]))
-    counts.candidates_missing_scores += wide.height - complete.height
+    present = wide.drop_nulls(subset=used).filter(pl.all_horizontal([pl.col(s).is_not_nan() for s in used]))
+    complete = present.filter(pl.all_horizontal([pl.col(s).is_finite() for s in used]))
+    counts.candidates_missing_scores += wide.height - present.height
+    counts.candidates_nonfinite_scores += present.height - complete.height
+    for row in wide.join(complete, on=["prompt_id", "candidate"], how="anti").head(_LOGGED).iter_rows(named=True):
+        log.warning("pairs: candidate %s/%s has no finite score (%s): never paired", row["prompt_id"],
+                    row["candidate"], ", ".join(f"{s} {row[s]}" for s in used))
     label = opts.scorer_label(scorers)
     rows: list[tuple] = []
     for (pid,), group in complete.group_by(["prompt_id"], maintain_order=True):

@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from labelers.registry import parse_weights
+from prefpipe.core.dataset import is_main_process
 from prefpipe.core.errors import PrefpipeError
 from prefpipe.core.options import click_options, parse_assignments
 from prefpipe.stages.generate import GenerateOptions, SamplingOptions, generate
@@ -86,8 +87,9 @@ def run_rounds(
             if (run / "train_config.json").exists():
                 cfg.resume = "latest"  # an interrupted round continues from its last checkpoint
             train(cfg)
-        click.echo(f"d3po-rounds: round {k}/{rounds} done in {time.perf_counter() - t0:.1f} s -> {run} "
-                   f"(sampler: {previous or 'the base model'})", err=True)
+        if is_main_process():
+            click.echo(f"d3po-rounds: round {k}/{rounds} done in {time.perf_counter() - t0:.1f} s -> {run} "
+                       f"(sampler: {previous or 'the base model'})", err=True)
         previous = str(run)
         runs.append(run)
     return runs
@@ -122,4 +124,5 @@ def d3po_rounds(weights, train_items, scorer, no_progress, steps, guidance, size
                       sampling=SamplingOptions(steps=steps, guidance=guidance, size=size, seed=seed),
                       train_options=parse_assignments(train_items, TrainConfig, "--train", "a `prefpipe train` option"),
                       **options)
-    click.echo(f"d3po-rounds: {len(runs)} rounds; the model of the last: {runs[-1]}", err=True)
+    if is_main_process():
+        click.echo(f"d3po-rounds: {len(runs)} rounds; the model of the last: {runs[-1]}", err=True)

@@ -3,9 +3,12 @@
 label (the candidates), relabel (both images of human pairs) and eval (every model's candidates) score
 through :func:`score_rows`; each keeps its own output table and batching.
 
-- Each image is decoded once (`prefpipe.core.images.decode`) and shared by every scorer.
-- A row is kept when every one of its images decodes (and `keep` accepts it); the others come back in
-  `bad` with the reason, for the caller to count and log with its own key.
+- Each image is decoded once (`prefpipe.core.images.decode`), converted to 8-bit RGB by the one mode policy
+  (`to_rgb`; conversions come back in `converted`) and shared by every scorer.
+- A row is kept when every one of its images decodes, has the size its row declares (`sizes`, for
+  candidates) and `keep` accepts it, and when every scorer gives it finite scores; the others come back in
+  `bad` with a reason (`bad_image`, `size_mismatch`, `nonfinite_score`, or the caller's own) and why, for
+  the caller to count and log with its own key. No table is ever written with a non-finite score.
 - Each scorer is called once per batch, on the kept rows' images column by column (all of `image_0`,
   then all of `image_1`, ...), each image with its row's prompt.
 """
@@ -20,7 +23,7 @@ import numpy as np
 from labelers.base import Scorer
 from labelers.registry import build_scorer
 from prefpipe.core.errors import PrefpipeError
-from prefpipe.core.images import BadImage, decode
+from prefpipe.core.images import BadImage, decode, size_mismatch, to_rgb
 
 
 def load_scorers(names: Sequence[str], weights: dict[str, str], *, batch_size: int = 32, device: str = "auto",
@@ -44,7 +47,8 @@ class ScoredRows:
     """The result of :func:`score_rows` on one batch."""
 
     kept: list[int] = field(default_factory=list)  # row indices scored, in order
-    bad: list[tuple[int, str]] = field(default_factory=list)  # (row index, why) of rows left out
+    bad: list[tuple[int, str, str]] = field(default_factory=list)  # (row index, reason, why) of rows left out
+    converted: list[tuple[int, str]] = field(default_factory=list)  # (row index, how an image became RGB)
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # scorer name -> (len(kept), n_images) float32
 
     def column(self, scorer: str, image: int = 0) -> np.ndarray:
@@ -53,35 +57,56 @@ class ScoredRows:
 
 
 def score_rows(scorers: Sequence[Scorer], images: Sequence[Sequence[bytes | None]], prompts: Sequence[str], *,
-               keep: Callable[[int], str | None] | None = None) -> ScoredRows:
+               keep: Callable[[int], str | None] | None = None, keep_reason: str = "bad_row",
+               sizes: Sequence[tuple[int | None, int | None]] | None = None) -> ScoredRows:
     """Score a batch of rows: `images[c][i]` is image column c of row i (one column for candidates, two for
-    pairs), `prompts[i]` its prompt. `keep(i)`, if given, returns why row i is left out before decoding
-    (an empty caption), or None."""
+    pairs), `prompts[i]` its prompt, `sizes[i]` the (width, height) row i declares. `keep(i)`, if given,
+    returns why row i is left out before decoding (an empty caption: reason `keep_reason`), or None."""
     out = ScoredRows()
     decoded: list[list] = [[] for _ in images]
+    candidates: list[int] = []
     for i in range(len(prompts)):
         why = keep(i) if keep is not None else None
+        reason = keep_reason
         row = []
         if why is None:
             for column in images:
                 try:
-                    row.append(decode(column[i]))
+                    im = decode(column[i])
                 except BadImage as e:
-                    why = str(e)
+                    reason, why = "bad_image", str(e)
                     break
+                why = size_mismatch(im, *sizes[i]) if sizes is not None else None
+                if why is not None:
+                    reason = "size_mismatch"
+                    break
+                im, note = to_rgb(im)
+                if note:
+                    out.converted.append((i, note))
+                row.append(im)
         if why is not None:
-            out.bad.append((i, why))
+            out.bad.append((i, reason, why))
             continue
-        out.kept.append(i)
+        candidates.append(i)
         for c, im in enumerate(row):
             decoded[c].append(im)
-    n = len(out.kept)
-    kept_prompts = [prompts[i] for i in out.kept]
+    n = len(candidates)
+    kept_prompts = [prompts[i] for i in candidates]
+    raw: dict[str, np.ndarray] = {}
     for scorer in scorers:
         if n:
             flat = np.asarray(scorer.score([im for column in decoded for im in column], kept_prompts * len(images)),
                               dtype=np.float32).reshape(-1)
+            raw[scorer.name] = flat.reshape(len(images), n).T
         else:
-            flat = np.zeros(0, np.float32)
-        out.scores[scorer.name] = flat.reshape(len(images), n).T if n else np.zeros((0, len(images)), np.float32)
+            raw[scorer.name] = np.zeros((0, len(images)), np.float32)
+    finite = np.ones(n, bool)
+    for name, values in raw.items():
+        for j in np.flatnonzero(~np.isfinite(values).all(axis=1)):
+            if finite[j]:
+                out.bad.append((candidates[j], "nonfinite_score", f"{name} gave {values[j].tolist()}"))
+            finite[j] = False
+    out.kept = [i for i, ok in zip(candidates, finite) if ok]
+    out.scores = {name: values[finite] for name, values in raw.items()}
+    out.bad.sort()
     return out

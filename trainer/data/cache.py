@@ -3,7 +3,8 @@
 **The cache** (default on). Units are the row groups of the input files; process `rank` of `world` encodes
 units `rank, rank + world, ...` into `CACHE/pairs-KEY/unit-NNNNN.safetensors` (written to a temporary name,
 renamed when complete, so a killed run resumes and a finished unit is never encoded twice). KEY is a
-fingerprint of everything the tensors depend on: the input files (names and sizes), `limit`, the model's
+fingerprint of everything the tensors depend on: the input files (their content digests,
+`prefpipe.core.dataset.input_fingerprint`), `limit`, the model's
 VAE and text encoders (path or hub id, plus file sizes and times for a local folder), `vae`, `vae_dtype`,
 the resolution and the crop/flip policy. Each unit stores, for its kept rows, the VAE latent distribution
 as **mean and log-variance** (like diffusers' `latent_dist`), so training still *samples* latents as the
@@ -28,7 +29,8 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from prefpipe.core.dataset import atomic_output, fingerprint, write_atomic
+from prefpipe.core.files import atomic_output, write_atomic
+from prefpipe.core.identity import fingerprint
 from trainer.conditioning import PromptEmbeds, TextConditioner
 from trainer.data.rows import RowScan, Unit, crop_rng, prepare_pair, scan_unit
 
@@ -195,9 +197,35 @@ class PairCache:
         with atomic_output(self.path(unit)) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
 
-    def write_description(self) -> None:
+    def write_description(self, spec: LatentSpec, empty: PromptEmbeds, family: str) -> None:
+        """`cache.json` (the key's parts) and `context.safetensors`: what training needs besides the units (the
+        latent scaling, the unconditional embedding of dropped captions, the family), so that a run on a
+        complete cache loads neither the VAE nor the text encoders."""
+        from safetensors.torch import save_file
+
         description = {"format": CACHE_FORMAT, "n_units": self.n_units, **self.parts}
         write_atomic(self.folder / "cache.json", json.dumps(description, indent=2, default=str))
+        tensors = {"empty_prompt_embeds": empty.prompt_embeds.to("cpu", STORE_DTYPE).contiguous()}
+        if empty.pooled is not None:
+            tensors["empty_pooled"] = empty.pooled.to("cpu", STORE_DTYPE).contiguous()
+        meta = {"scaling_factor": repr(spec.scaling_factor), "shift_factor": repr(spec.shift_factor), "family": family}
+        with atomic_output(self.folder / "context.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+
+    def complete(self) -> bool:
+        """Every unit and the context are there: training needs no encoder."""
+        return (self.folder / "context.safetensors").exists() and all(self.is_done(u) for u in range(self.n_units))
+
+    def context(self) -> tuple[LatentSpec, PromptEmbeds, str]:
+        """(latent spec, unconditional embedding, family) as :meth:`write_description` stored them."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.folder / "context.safetensors"), framework="pt") as f:
+            meta = f.metadata()
+            pooled = f.get_tensor("empty_pooled") if "empty_pooled" in f.keys() else None
+            empty = PromptEmbeds(f.get_tensor("empty_prompt_embeds"), pooled)
+        spec = LatentSpec(float(meta["scaling_factor"]), float(meta["shift_factor"]))
+        return spec, empty, meta["family"]
 
     def _open(self, unit: int):
         from safetensors import safe_open

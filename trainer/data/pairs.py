@@ -18,8 +18,8 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from prefpipe.core.dataset import fingerprint
 from prefpipe.core.errors import PrefpipeError
+from prefpipe.core.identity import fingerprint
 from trainer.conditioning import PromptEmbeds, time_ids
 from trainer.data.cache import (
     STORE_DTYPE,
@@ -30,7 +30,7 @@ from trainer.data.cache import (
     encode_scan,
     encode_unit,
 )
-from trainer.data.rows import RowScan, Unit, read_unit, reset_bad_row_log, scan_unit
+from trainer.data.rows import RowScan, Unit, log_bad_row, read_unit, reset_bad_row_log, scan_unit
 
 
 @dataclass
@@ -59,6 +59,7 @@ def build_index(scans: list[RowScan], keep_ties: str) -> PairIndex:
             if label == 0.5:
                 if keep_ties == "skip":
                     counts["ties_dropped"] = counts.get("ties_dropped", 0) + 1
+                    log_bad_row(key, "tie", "label_0 = 0.5; --keep-ties half trains it in both orders")
                     continue
                 counts["ties_kept"] = counts.get("ties_kept", 0) + 1
                 for s in (False, True):
@@ -156,7 +157,7 @@ class PairData:
                 self._tables[unit] = read_unit(self.units[unit])
                 if len(self._tables) > 2:
                     self._tables.popitem(last=False)
-            row = self.scans[unit].rows[pos]
+            row = int(self.scans[unit].rows[pos])
             one = scan_unit(self._tables[unit].slice(row, 1), self.units[unit], offset=row)
             merged.images += one.images
             merged.captions += one.captions
@@ -210,7 +211,7 @@ class PairData:
                          torch.as_tensor(self.index.weight[items]), [self.index.keys[int(i)] for i in items])
 
 
-def prepare_data(*, units: list[Unit], cache_root: Path | None, cache_parts: dict[str, Any], encoders: Encoders,
+def prepare_data(*, units: list[Unit], cache_root: Path | None, cache_parts: dict[str, Any], encoders: Encoders | None,
                  resolution: int, keep_ties: str, random_crop: bool, random_flip: bool, seed: int,
                  caption_dropout: float, rank: int = 0, world: int = 1, barrier=None,
                  progress: bool = True) -> PairData:
@@ -219,23 +220,29 @@ def prepare_data(*, units: list[Unit], cache_root: Path | None, cache_parts: dic
     With a cache: units `rank::world` not yet cached are encoded and written; `barrier()` (all processes)
     follows; every process then reads the index from the cache files. Without: every process scans
     (decodes) all units to learn which rows are usable, and pairs are encoded at each step.
+    `encoders` may be None only when the cache is complete (`PairCache.complete`): its context then gives the
+    latent scaling, the unconditional embedding and the family.
     `stats`: units encoded / reused by this process, and the drop counters.
     """
     from tqdm.auto import tqdm
 
     reset_bad_row_log()
-    latent_spec = LatentSpec.of(encoders.vae)
-    empty = encoders.text.empty()
-    family = encoders.text.family
-    stats: dict[str, Any] = {"units": len(units)}
+    stats: dict[str, Any] = {"units": len(units), "encoders_loaded": encoders is not None}
     orientations = (False, True) if random_flip else (False,)
+    if encoders is None:
+        cache = PairCache(cache_root, cache_parts, len(units))
+        if not cache.complete():
+            raise PrefpipeError(f"cache {cache.folder} is not complete: load the encoders to build it")
+        latent_spec, empty, family = cache.context()
+    else:
+        latent_spec, empty, family = LatentSpec.of(encoders.vae), encoders.text.empty(), encoders.text.family
     if cache_root is not None:
         cache = PairCache(cache_root, cache_parts, len(units))
         mine = list(range(rank, len(units), world))
         todo = [u for u in mine if not cache.is_done(u)]
         stats.update(units_encoded=len(todo), units_reused=len(mine) - len(todo), cache=str(cache.folder))
-        if rank == 0:
-            cache.write_description()
+        if rank == 0 and encoders is not None:
+            cache.write_description(latent_spec, empty, family)
         bar = tqdm(todo, desc="encode pairs", unit="unit", disable=not progress or not todo, dynamic_ncols=True)
         for u in bar:
             tensors, scan = encode_unit(read_unit(units[u]), units[u], encoders, resolution, random_crop=random_crop,
@@ -246,14 +253,13 @@ def prepare_data(*, units: list[Unit], cache_root: Path | None, cache_parts: dic
         missing = [u for u in range(len(units)) if not cache.is_done(u)]
         if missing:
             raise PrefpipeError(f"cache {cache.folder}: units {missing[:5]} were not written by their process")
-        scans = [cache.scan(u) for u in range(len(units))]
+        scans = [cache.scan(u).compact() for u in range(len(units))]
     else:
         cache = None
         stats.update(units_encoded=0, units_reused=0, cache=None)
         scans = []
         for u in tqdm(range(len(units)), desc="scan pairs", unit="unit", disable=not progress, dynamic_ncols=True):
-            s = scan_unit(read_unit(units[u]), units[u], keep_images=False)
-            scans.append(s)
+            scans.append(scan_unit(read_unit(units[u]), units[u], keep_images=False).compact())
     index = build_index(scans, keep_ties)
     stats.update(index.counts)
     return PairData(index, units, latent_spec, resolution, empty, cache=cache,

@@ -30,8 +30,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from prefpipe.core.dataset import parquet_files
 from prefpipe.core.errors import PrefpipeError
+from prefpipe.core.files import sha256_file
+from prefpipe.core.identity import fingerprint, input_fingerprint
+from prefpipe.core.tables import parquet_files
 from trainer.config import TrainConfig
 from trainer.data import add_count, describe_drops
 from trainer.data.trajectories import (
@@ -203,12 +205,14 @@ def load_trajectory_pairs(cfg: TrainConfig) -> TrajectoryPairs:
     counts: dict[str, int] = {}
     prefs: list[Preference] = []
     sources = [str(p) for p in cfg.pairs_paths()] if (cfg.source or cfg.pairs) else []
+    digests = [input_fingerprint(s) for s in sources]
     if sources:
         prefs += preferences_from_pairs(sources, counts)
     if cfg.labels:
         scores, files = read_d3po_labels(cfg.labels)
         prefs += preferences_from_labels(scores, candidate_prompts(cfg.candidates), counts)
         sources += [str(f) for f in files]
+        digests += [sha256_file(f) for f in files]
     if cfg.limit is not None:
         prefs = prefs[: cfg.limit]
     rows = read_candidates(cfg.candidates, {(p.prompt_id, c) for p in prefs for c in (p.winner, p.loser)}, counts)
@@ -228,6 +232,7 @@ def load_trajectory_pairs(cfg: TrainConfig) -> TrajectoryPairs:
             continue
         add_count(counts, reason)
     data = TrajectoryPairs(pairs, counts, sources)
+    data.digest = fingerprint(input_fingerprint(cfg.candidates), digests, cfg.limit)  # the inputs by content
     counts["pairs"] = len(pairs)
     if not pairs:
         raise PrefpipeError(

@@ -18,15 +18,16 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from prefpipe.core.dataset import fingerprint, input_fingerprint, parquet_files
 from prefpipe.core.errors import PrefpipeError
-from prefpipe.core.images import BadImage, decode_rgb
+from prefpipe.core.identity import fingerprint, input_fingerprint
+from prefpipe.core.images import BadImage, decode, to_rgb
 from prefpipe.core.schema import check_columns
+from prefpipe.core.tables import parquet_file, parquet_files
 
 log = logging.getLogger("prefpipe.train")
 
@@ -59,7 +60,7 @@ class Unit:
 
 def check_pairs_schema(path: Path) -> list[str]:
     """The columns to read from one pairs file; a PrefpipeError names a missing or mistyped column."""
-    schema = pq.ParquetFile(path).schema_arrow
+    schema = parquet_file(path).schema_arrow
     check_columns(schema, REQUIRED_COLUMNS, f"{path} (a pairs dataset needs caption, jpg_0, jpg_1 and label_0)")
     return list(REQUIRED_COLUMNS) + [c for c in KEY_COLUMNS if c in schema.names]
 
@@ -73,7 +74,7 @@ def list_units(sources: list[Path], limit: int | None = None) -> list[Unit]:
             raise PrefpipeError(f"pairs dataset {source}: no such file or folder")
         for f in parquet_files(source):
             check_pairs_schema(f)
-            meta = pq.ParquetFile(f).metadata
+            meta = parquet_file(f).metadata
             for rg in range(meta.num_row_groups):
                 if remaining <= 0:
                     return units
@@ -88,11 +89,11 @@ def list_units(sources: list[Path], limit: int | None = None) -> list[Unit]:
 def read_unit(unit: Unit) -> pa.Table:
     """The columns training reads from one unit (its `take` first rows)."""
     cols = check_pairs_schema(unit.file)
-    return pq.ParquetFile(unit.file).read_row_group(unit.row_group, columns=cols).slice(0, unit.take)
+    return parquet_file(unit.file).read_row_group(unit.row_group, columns=cols).slice(0, unit.take)
 
 
 def sources_fingerprint(sources: list[Path], limit: int | None) -> str:
-    """Identity of the training input: every source's file names and sizes, and --limit."""
+    """Identity of the training input: every source's files by content (`input_fingerprint`), and --limit."""
     return fingerprint([input_fingerprint(s) for s in sources], limit)
 
 
@@ -167,6 +168,13 @@ class RowScan:
     def count(self, what: str, n: int = 1) -> None:
         self.counts[what] = self.counts.get(what, 0) + n
 
+    def compact(self) -> RowScan:
+        """The rows and labels as numpy arrays (8 and 4 bytes a row, not two Python objects): a scan kept for
+        the whole run, one per unit, stays small at Pick-a-Pic's million rows."""
+        self.rows = np.asarray(self.rows, dtype=np.int64)
+        self.label_0 = np.asarray(self.label_0, dtype=np.float32)
+        return self
+
 
 class _BadRowLog:
     """Logs the first bad rows of a run one by one, then only counts them."""
@@ -184,6 +192,11 @@ class _BadRowLog:
 
 
 _bad_rows = _BadRowLog()
+
+
+def log_bad_row(key: str, reason: str, detail: str = "") -> None:
+    """Log a skipped row with its key (the first ones of a run one by one; all are counted by the caller)."""
+    _bad_rows(key, reason, detail)
 
 
 def reset_bad_row_log() -> None:
@@ -208,7 +221,10 @@ def scan_unit(table: pa.Table, unit: Unit, keep_images: bool = True, offset: int
             reason = "bad_label"
         else:
             try:
-                images = (decode_rgb(jpg0[i].as_py()), decode_rgb(jpg1[i].as_py()))
+                converted = [to_rgb(decode(data.as_py())) for data in (jpg0[i], jpg1[i])]
+                images = (converted[0][0], converted[1][0])
+                if any(note for _, note in converted):
+                    scan.count("images_converted", sum(note is not None for _, note in converted))
             except BadImage as e:
                 reason, detail = "bad_image", str(e)
         if reason is not None:
@@ -218,8 +234,8 @@ def scan_unit(table: pa.Table, unit: Unit, keep_images: bool = True, offset: int
         scan.rows.append(offset + i)
         scan.label_0.append(float(label))
         scan.keys.append(key)
-        scan.captions.append(str(caption))
-        if keep_images:
+        if keep_images:  # the captions and images of the rows to encode now (a scan only needs the rows' keys)
+            scan.captions.append(str(caption))
             scan.images.append(images)
         if images[0].size != images[1].size:
             scan.count("resized_to_match")

@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from prefpipe.core.dataset import parquet_files
 from prefpipe.core.errors import PrefpipeError
+from prefpipe.core.tables import parquet_files
 from prefpipe.core.trajectory import decode_trajectory
 from trainer.conditioning import PromptEmbeds
 from trainer.data import add_count
@@ -140,6 +140,7 @@ class TrajectoryPairs:
     pairs: list[tuple[Candidate, Candidate]]
     counts: dict[str, int]
     sources: list[str]
+    digest: str = ""  # the content digest of the candidates and every preference source
     cond: dict[str, PromptEmbeds] = field(default_factory=dict)  # prompt_id -> (1, 77, D)
     uncond: dict[str | None, PromptEmbeds] = field(default_factory=dict)  # negative prompt (None: none) -> (1, 77, D)
 

@@ -62,6 +62,7 @@ from trainer.losses import (
 )
 from trainer.run import (
     SUMMARY_METRICS,
+    check_resumed_data,
     finish_run,
     open_run,
     resume,
@@ -70,7 +71,7 @@ from trainer.run import (
     weight_dtype,
 )
 from trainer.steps import make_optimizer, run_steps, step_plan
-from trainer.unet import adapters_disabled, prepare_unet
+from trainer.unet import adapters_disabled, place_reference, prepare_unet
 
 # Options of `prefpipe train` that change what a Diffusion-DPO step sees and have no meaning on recorded
 # trajectories (D3PO trains at the sampled resolution, on the sampled prompts).
@@ -148,13 +149,17 @@ def train_d3po(cfg: TrainConfig, objective: Objective, *, on_steps_start: Callab
     # ---- 2. the run: accelerator, the checkpoint to resume ---------------------------------------------
     run = open_run(cfg)
     rank, world, device, accelerator = run.rank, run.world, run.device, run.accelerator
+    check_resumed_data(run, data.digest)
 
-    # ---- 3. models: prompts encoded once, the sampler's DDIM step, the UNet ------------------------------
-    from prefpipe.models import load_pipeline, model_family
+    # ---- 3. models: prompts encoded once, the sampler's DDIM step, the UNet (never the VAE) -------------
+    from prefpipe.models import load_pipeline, model_family, text_encoder_names
     from trainer.conditioning import TextConditioner
 
     dtype = weight_dtype(cfg)
-    pipe = load_pipeline(cfg.model, dtype="fp32", device="cpu")
+    dtype_name = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[cfg.mixed_precision]
+    pipe = load_pipeline(cfg.model, dtype="fp32", device="cpu", without=("vae",),
+                         dtypes={"unet": "fp32" if cfg.full else dtype_name,
+                                 **dict.fromkeys(text_encoder_names(cfg.model), dtype_name)})
     family = model_family(pipe)
     text = TextConditioner(pipe, device, dtype=dtype)
     data.encode_prompts(text)
@@ -174,13 +179,14 @@ def train_d3po(cfg: TrainConfig, objective: Objective, *, on_steps_start: Callab
     max_steps, effective_batch, lr = step_plan(cfg, order, len(data), world)
 
     # ---- 4. the UNet (adapters; --init-from loads the last round's LoRA into them), reference, optimizer --
-    unet, ref_unet, params = prepare_unet(unet, cfg, objective, device, dtype, family)
+    unet, ref_unet, params = prepare_unet(unet, cfg, objective, dtype, family)
     unet, optimizer, lr_scheduler = make_optimizer(run, unet, params, lr, max_steps, family)
+    ref_unet = place_reference(run, ref_unet)  # whole on the device, or sharded like the policy (FSDP)
     state = resume(run)
     resolved = {**hyper, "lr": lr, "max_steps": max_steps, "effective_batch": effective_batch, "processes": world,
                 "family": family, "pairs": len(data), "steps_per_trajectory": len(data.timesteps),
                 "trainable_steps": len(trainable), "steps_per_pair": k_steps, "eta": data.eta,
-                "init_from": cfg.init_from, "data": data.counts}
+                "init_from": cfg.init_from, "data": data.counts, "data_digest": data.digest}
     start_step = state["step"]
     start_run_folder(run, resolved, start_step)
 

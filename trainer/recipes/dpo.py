@@ -17,7 +17,7 @@ Assumes: one square resolution; winner and loser share the noise and the timeste
 Determinism: micro-batch m of process r uses the items of :class:`trainer.data.pairs.PairOrder` (a function
 of the seed and the epoch), and each pair one CPU `torch.Generator` seeded from (seed, its slot in the stream
 of trained pairs) for, in order, caption dropout, latent sampling, timestep and noise. A resumed run sees
-the same data and the same random draws as an uninterrupted one (accelerate restores the weights and the
+the same data and the same random draws as an uninterrupted one (its checkpoint restores the weights and the
 optimizer state), and a run gives the same per-pair draws however its effective batch is split across
 processes and accumulation, so its losses do not depend on the number of processes.
 
@@ -35,13 +35,21 @@ from typing import Any
 from prefpipe.core.errors import PrefpipeError
 from trainer.config import TrainConfig, hyperparameters
 from trainer.data import describe_drops
-from trainer.data.cache import Encoders, model_identity
+from trainer.data.cache import Encoders, PairCache, model_identity
 from trainer.data.pairs import PairOrder, prepare_data
 from trainer.data.rows import PAIR_DROPS, list_units, sources_fingerprint
 from trainer.losses import Objective
-from trainer.run import finish_run, open_run, resume, run_summary, start_run_folder, weight_dtype
+from trainer.run import (
+    check_resumed_data,
+    finish_run,
+    open_run,
+    resume,
+    run_summary,
+    start_run_folder,
+    weight_dtype,
+)
 from trainer.steps import make_optimizer, run_steps, step_plan
-from trainer.unet import adapters_disabled, prepare_unet
+from trainer.unet import adapters_disabled, place_reference, prepare_unet
 
 
 def train_dpo(cfg: TrainConfig, objective: Objective, *, on_steps_start: Callable[[], None] | None = None
@@ -65,45 +73,61 @@ def train_dpo(cfg: TrainConfig, objective: Objective, *, on_steps_start: Callabl
     # ---- 2. the run: accelerator (one process or many), the checkpoint to resume -----------------------
     run = open_run(cfg)
     rank, world, device, accelerator = run.rank, run.world, run.device, run.accelerator
+    data_digest = sources_fingerprint(sources, cfg.limit)  # the pairs by content
+    check_resumed_data(run, data_digest)
 
-    # ---- 3. models ------------------------------------------------------------------------------------
+    # ---- 3. what the run needs, read from the configs (no weights yet) ---------------------------------
     from diffusers import DDPMScheduler
 
-    from prefpipe.models import load_pipeline, model_family
+    from prefpipe.models import component_config, load_pipeline, model_family, text_encoder_names
     from trainer.conditioning import TextConditioner
 
-    dtype = weight_dtype(cfg)
-    vae_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.vae_dtype]
-    pipe = load_pipeline(cfg.model, dtype="fp32", device="cpu")
-    family = model_family(pipe)
-    vae = load_vae(cfg.vae) if cfg.vae else pipe.vae
-    vae.requires_grad_(False).eval().to(device, vae_dtype)
-    text = TextConditioner(pipe, device, dtype=dtype)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise PrefpipeError(f"--model {cfg.model}: prediction_type {prediction_type!r}; epsilon or v_prediction only")
-    unet = pipe.unet
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    resolution = cfg.resolution or int(unet.config.sample_size) * vae_scale
-    del pipe
-
-    # ---- 4. data: scan, encode into the cache (once per dataset/model/resolution/crop), index ----------
+    vae_config = component_config(cfg.vae or cfg.model, "vae")
+    vae_scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    resolution = cfg.resolution or int(component_config(cfg.model, "unet")["sample_size"]) * vae_scale
     cache_parts = {
-        "pairs": sources_fingerprint(sources, cfg.limit),
+        "pairs": data_digest,
         **model_identity(cfg.model, cfg.vae),
         "vae_dtype": cfg.vae_dtype,
         "resolution": resolution,
         "crop": f"random/{cfg.seed}" if cfg.random_crop else "center",
         "orientations": "both" if cfg.random_flip else "as stored",
     }
+    cache = None if cfg.no_cache else PairCache(cfg.cache_root(), cache_parts, len(units))
+    encode = cache is None or not cache.complete()  # a complete cache needs neither the VAE nor the text encoders
+
+    # ---- 4. models: each component read once, in its own dtype; the encoders only when they encode -----
+    dtype = weight_dtype(cfg)
+    dtype_name = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[cfg.mixed_precision]
+    encoders = text_encoder_names(cfg.model)
+    pipe = load_pipeline(
+        cfg.model, dtype="fp32", device="cpu",
+        dtypes={"unet": "fp32" if cfg.full else dtype_name, "vae": cfg.vae_dtype, **dict.fromkeys(encoders, dtype_name)},
+        without=tuple(["vae"] if cfg.vae or not encode else []) + tuple([] if encode else encoders),
+    )
+    family = model_family(pipe)
+    vae = text = None
+    if encode:
+        vae_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.vae_dtype]
+        vae = load_vae(cfg.vae) if cfg.vae else pipe.vae
+        vae.requires_grad_(False).eval().to(device, vae_dtype)
+        text = TextConditioner(pipe, device, dtype=dtype)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise PrefpipeError(f"--model {cfg.model}: prediction_type {prediction_type!r}; epsilon or v_prediction only")
+    unet = pipe.unet
+    del pipe
+
+    # ---- 5. data: scan, encode into the cache (once per dataset/model/resolution/crop), index ----------
     data = prepare_data(
         units=units, cache_root=None if cfg.no_cache else cfg.cache_root(), cache_parts=cache_parts,
-        encoders=Encoders(vae, text, cfg.encode_batch_size), resolution=resolution, keep_ties=cfg.keep_ties,
-        random_crop=cfg.random_crop, random_flip=cfg.random_flip, seed=cfg.seed, caption_dropout=cfg.caption_dropout,
-        rank=rank, world=world, barrier=accelerator.wait_for_everyone, progress=run.main and not cfg.no_progress,
+        encoders=Encoders(vae, text, cfg.encode_batch_size) if encode else None, resolution=resolution,
+        keep_ties=cfg.keep_ties, random_crop=cfg.random_crop, random_flip=cfg.random_flip, seed=cfg.seed,
+        caption_dropout=cfg.caption_dropout, rank=rank, world=world, barrier=accelerator.wait_for_everyone,
+        progress=run.main and not cfg.no_progress,
     )
-    if not cfg.no_cache:  # training reads the cache: the encoders are no longer needed
+    if encode and not cfg.no_cache:  # training reads the cache: the encoders are no longer needed
         text.free()
         vae = None
         gc.collect()
@@ -117,20 +141,22 @@ def train_dpo(cfg: TrainConfig, objective: Objective, *, on_steps_start: Callabl
     accum = cfg.gradient_accumulation
     max_steps, effective_batch, lr = step_plan(cfg, order, len(data), world)
 
-    # ---- 5. the UNet to train (LoRA or full, optionally --init-from), and the reference ----------------
-    unet, ref_unet, params = prepare_unet(unet, cfg, objective, device, dtype, family)
+    # ---- 6. the UNet to train (LoRA or full, optionally --init-from), and the reference ----------------
+    unet, ref_unet, params = prepare_unet(unet, cfg, objective, dtype, family)
 
-    # ---- 6. optimizer and schedule (stepped once per optimizer step) ----------------------------------
+    # ---- 7. optimizer and schedule (stepped once per optimizer step) ----------------------------------
     unet, optimizer, lr_scheduler = make_optimizer(run, unet, params, lr, max_steps, family)
+    ref_unet = place_reference(run, ref_unet)  # whole on the device, or sharded like the policy (FSDP)
 
-    # ---- 7. resume --------------------------------------------------------------------------------------
+    # ---- 8. resume --------------------------------------------------------------------------------------
     state = resume(run)
     resolved = {"beta": hyper.get("beta"), "resolution": resolution, "lr": lr, "max_steps": max_steps,
                 "effective_batch": effective_batch, "processes": world, "family": family,
-                "prediction_type": prediction_type, "pairs": len(data), "cache": data.stats.get("cache")}
+                "prediction_type": prediction_type, "pairs": len(data), "cache": data.stats.get("cache"),
+                "data_digest": data_digest}
     start_run_folder(run, resolved, state["step"])
 
-    # ---- 8. the plan ------------------------------------------------------------------------------------
+    # ---- 9. the plan -------------------------------------------------------------------------------------
     start_step = state["step"]
     n_unet = sum(p.numel() for p in accelerator.unwrap_model(unet).parameters())
     n_train = sum(p.numel() for p in params)
@@ -149,7 +175,7 @@ def train_dpo(cfg: TrainConfig, objective: Objective, *, on_steps_start: Callabl
         f"  memory: {memory_plan(cfg, objective, n_train, n_unet, ref_unet, data, dtype)}"
     )
 
-    # ---- 9. steps: micro-batch m of this process -> the objective's loss ------------------------------
+    # ---- 10. steps: micro-batch m of this process -> the objective's loss ------------------------------
     def micro_batch(m: int):
         items, flips, epoch = order.micro_batch(m, rank)
         generators = order.generators(m, rank)
@@ -163,7 +189,7 @@ def train_dpo(cfg: TrainConfig, objective: Objective, *, on_steps_start: Callabl
                                   micro_batch=micro_batch, hint=f"--beta (now {hyper.get('beta', 'n/a')}) or ",
                                   on_start=on_steps_start)
 
-    # ---- 10. export -------------------------------------------------------------------------------------
+    # ---- 11. export -------------------------------------------------------------------------------------
     exported = finish_run(run, unet, family)
     return run_summary(run, max_steps, start_step, wall, last, data.stats, state, exported)
 
@@ -245,7 +271,8 @@ def memory_plan(cfg: TrainConfig, objective: Objective, n_train: int, n_unet: in
         ref = "the policy UNet with adapters disabled (no second UNet)"
     if data.cache is not None:
         enc = (f"cached latents + text embeddings in {data.cache.folder} ({data.stats.get('units_encoded', 0)} units "
-               f"encoded now, {data.stats.get('units_reused', 0)} reused); VAE and text encoders freed")
+               f"encoded now, {data.stats.get('units_reused', 0)} reused); VAE and text encoders "
+               + ("freed" if data.stats.get("encoders_loaded") else "not loaded (the cache was complete)"))
     else:
         enc = "no cache: VAE and text encoder(s) stay resident and run every step"
     extras = f"mixed precision {cfg.mixed_precision}, gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"

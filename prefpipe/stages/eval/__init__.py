@@ -53,7 +53,8 @@ report.json (keys are stable; values in the scorer's units unless said otherwise
     files               {"prompts", "scores", "report_json", "report_md", "report_html",
                          "candidates": {model name: folder}, "plots": {plot name: png}} (relative to DIR)
     counters            {"images_scored": images scored by this run, "bad_images": undecodable, skipped,
-                         "nonfinite_scores": NaN/inf scores dropped}
+                         "nonfinite_scores": images a scorer gave NaN/inf, skipped, "size_mismatch": images
+                         not the size their row declares, skipped, "images_converted": images made 8-bit RGB}
     versions            library versions
 """
 
@@ -98,7 +99,8 @@ def run_eval(
     import polars as pl
 
     from labelers.registry import scorer_class
-    from prefpipe.core.dataset import library_versions, rank_world, write_atomic
+    from prefpipe.core.dataset import barrier, is_main_process, library_versions
+    from prefpipe.core.files import write_atomic
     from prefpipe.models import resolve_model
     from prefpipe.stages.eval import report as reporting
     from prefpipe.stages.eval.compare import headline, jsonable, select_checkpoints, summarize
@@ -129,13 +131,9 @@ def run_eval(
                f"{1 + len(runs)} models x {prompts['count'] * opts.per_prompt} images", err=True)
     made = generate_all(opts, runs, Path(prompts["path"]), out, batch_size=batch_size, device=device,
                         offload=offload, progress=progress)
-    rank, world = rank_world()
-    if world > 1:  # under `accelerate launch`, every process generates its share; rank 0 scores and reports
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()
-        if rank != 0:
-            return {}
+    barrier()  # under `accelerate launch`, every process generates its share; one process scores and reports
+    if not is_main_process():
+        return {}
 
     folders = {BASE: out / "candidates" / BASE, **{r.name: out / "candidates" / r.name for r in runs}}
     scores_path = out / "scores.parquet"

@@ -19,8 +19,8 @@ def training_prompt_ids(pairs_dirs: list[str] | tuple[str, ...]) -> set[str]:
     """
     import pyarrow.parquet as pq
 
-    from prefpipe.core.dataset import parquet_files
     from prefpipe.core.prompts import prompt_id
+    from prefpipe.core.tables import parquet_files
 
     ids: set[str] = set()
     for folder in pairs_dirs:
@@ -46,7 +46,7 @@ def prepare_prompts(prompts: str | Path, out: str | Path, holdout=(), limit: int
 
     Returns the `prompts` section of report.json plus `path` (absolute), `ids` and `texts`.
     """
-    from prefpipe.core.dataset import write_atomic
+    from prefpipe.core.files import write_atomic
     from prefpipe.core.prompts import read_prompts
 
     ps = read_prompts(prompts)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prefpipe.core.dataset import write_atomic
+from prefpipe.core.files import write_atomic
 from prefpipe.core.images import BadImage
 from prefpipe.stages.eval.pages import DISPLAY_PX, fmt, image_data_uri, pct, png_data_uri, render, signed
 
@@ -230,7 +230,7 @@ def write_markdown(report: dict, path: Path) -> None:
 # -- html ---------------------------------------------------------------------------------------
 def _gallery_images(folders: dict, ids: set[str], thumb: int) -> dict[tuple[str, str, int], dict]:
     """(model, prompt_id, candidate) -> {"uri", "seed", "small"} for the gallery's prompts, streamed."""
-    from prefpipe.core.dataset import iter_batches
+    from prefpipe.core.tables import iter_batches
 
     out = {}
     for model, folder in folders.items():

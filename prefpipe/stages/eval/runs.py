@@ -155,7 +155,7 @@ def generate_all(
     batch_size: int, device: str, offload: str, progress: bool,
 ) -> dict[str, int]:
     """Generate (or resume) base and every tuned run into `out/candidates/<name>`; images generated per model."""
-    from prefpipe.core.dataset import read_manifest
+    from prefpipe.core.tables import read_manifest
     from prefpipe.stages.generate import GenerateOptions, SamplingOptions, generate
 
     shared = SharedPipeline(opts.base, dtype=opts.dtype, device=device, scheduler=opts.scheduler)

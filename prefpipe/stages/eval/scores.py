@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import click
@@ -63,7 +62,9 @@ def score_candidates(
     from tqdm.auto import tqdm
 
     from labelers.registry import scorer_class
-    from prefpipe.core.dataset import atomic_output, count_rows, input_fingerprint, iter_batches
+    from prefpipe.core.files import atomic_output
+    from prefpipe.core.identity import input_fingerprint
+    from prefpipe.core.tables import count_rows, iter_batches
     from prefpipe.stages.scoring import load_scorers, score_rows
 
     keys = {
@@ -76,7 +77,7 @@ def score_candidates(
     built = {}  # a fully cached run builds no scorer
     if needed:
         built = dict(zip(needed, load_scorers(needed, weights, batch_size=batch_size, device=device, dtype=dtype)))
-    counters = {"images_scored": 0, "bad_images": 0, "nonfinite_scores": 0}
+    counters = {"images_scored": 0, "bad_images": 0, "nonfinite_scores": 0, "size_mismatch": 0, "images_converted": 0}
     total = sum(count_rows(folders[m]) for m, need in todo.items() if need)
     bar = tqdm(total=total, unit="img", desc="score", disable=not progress or total == 0, dynamic_ncols=True)
     columns: dict[str, list] = {k: [] for k in COLUMNS}
@@ -86,20 +87,19 @@ def score_candidates(
             continue
         for s in need:
             versions[(model, s)] = str(getattr(built[s], "version", ""))
-        for batch in iter_batches(folders[model], columns=["prompt_id", "prompt", "candidate", "seed", "image"],
-                                  batch_size=batch_size):
+        for batch in iter_batches(folders[model], columns=["prompt_id", "prompt", "candidate", "seed", "image", "width",
+                                                           "height"], batch_size=batch_size):
             rows = batch.to_pylist()
-            scored = score_rows([built[s] for s in need], [[r["image"] for r in rows]], [r["prompt"] for r in rows])
-            for i, why in scored.bad:  # a bad image is a counted, keyed, skipped row
-                counters["bad_images"] += 1
+            scored = score_rows([built[s] for s in need], [[r["image"] for r in rows]], [r["prompt"] for r in rows],
+                                sizes=[(r["width"], r["height"]) for r in rows])
+            for i, reason, why in scored.bad:  # a bad image, a wrong size, a non-finite score: counted, keyed, skipped
+                counters[{"nonfinite_score": "nonfinite_scores", "size_mismatch": "size_mismatch"}.get(reason, "bad_images")] += 1
                 r = rows[i]
-                click.echo(f"eval: {model} {r['prompt_id']}/{r['candidate']}: undecodable image skipped ({why})", err=True)
+                click.echo(f"eval: {model} {r['prompt_id']}/{r['candidate']}: skipped ({why})", err=True)
+            counters["images_converted"] += len(scored.converted)
             good = [rows[i] for i in scored.kept]
             for s in need:
                 for r, v in zip(good, scored.column(built[s].name).tolist()):
-                    if not math.isfinite(v):
-                        counters["nonfinite_scores"] += 1
-                        continue
                     for key, value in zip(COLUMNS, (model, r["prompt_id"], r["candidate"], r["seed"], s, v)):
                         columns[key].append(value)
             counters["images_scored"] += len(good)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import click
 
-from prefpipe.core.dataset import write_atomic
 from prefpipe.core.errors import PrefpipeError
+from prefpipe.core.files import write_atomic
 from prefpipe.core.images import BadImage
 from prefpipe.stages.eval.pages import fmt, image_data_uri, render
 
@@ -53,7 +53,7 @@ def sample_pairs(source: str | Path, n: int, seed: int = 0) -> tuple[list[dict],
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from prefpipe.core.dataset import parquet_files
+    from prefpipe.core.tables import parquet_files
 
     files = parquet_files(source)
     counts, columns = [], []

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from prefpipe.core.dataset import atomic_output
+from prefpipe.core.files import atomic_output
 from prefpipe.stages.ingest.options import IngestOptions
 
 

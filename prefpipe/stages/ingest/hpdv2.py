@@ -6,6 +6,10 @@ whole); images are read from `<split>/` beside it; each entry's ranking becomes 
 two images with different scores; equal scores are ties) or `best-worst` (one pair). A unit is
 `--entries-per-shard` consecutive entries. Duplicates (see duplicates.py): by image path across the file,
 from a light pass over the entries; by image bytes within a unit.
+
+Confinement: an image path of the JSON (absolute, `../`, or through a symlink) is read only if it resolves,
+symlinks followed, inside the folder given as --from (or inside its `<split>/` folder, itself possibly a
+link); any other is never opened, and its pairs are dropped as `outside_folder`, logged with their key.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from typing import Any
 import ijson
 import pyarrow as pa
 
-from prefpipe.core.dataset import fingerprint
 from prefpipe.core.errors import PrefpipeError
+from prefpipe.core.files import sha256_file
+from prefpipe.core.identity import fingerprint
 from prefpipe.core.images import ImageChecker
 from prefpipe.core.prompts import prompt_id
 from prefpipe.core.schema import PAIRS, conform
@@ -113,6 +118,18 @@ def ranking_pairs(scores: list[float], mode: str) -> list[tuple[int, int, float]
     return [(i, j, label(i, j)) for i in range(len(scores)) for j in range(i + 1, len(scores))]
 
 
+_WHY = {  # why a pair was dropped by a filter, for the log (by key)
+    "tie": "the two images are ranked equal (a tie)",
+    "same_images": "the same image path twice",
+    "empty_caption": "the prompt is empty or blank",
+    "duplicate": "repeats an earlier pair (same prompt, same image paths, same outcome)",
+}
+_WHY_BYTES = {
+    "same_images": "the two images have identical bytes",
+    "duplicate": "repeats an earlier pair of this shard (same prompt, same image bytes, same outcome)",
+}
+
+
 def _pair_light(prompt: str, paths: list[str], pair: tuple[int, int, float], opts: IngestOptions) -> str | None:
     """The drop reason of a pair decided without reading its images (None: keep going)."""
     i, j, l0 = pair
@@ -125,8 +142,15 @@ def _pair_light(prompt: str, paths: list[str], pair: tuple[int, int, float], opt
     return None
 
 
+class OutsideFolder(Exception):
+    """An image path that resolves outside the input folder; the message says where it was looked up."""
+
+
 class HPDv2Source:
-    """An HPDv2 folder: `<split>.json` plus the images under `<split>/` (or paths relative to the folder)."""
+    """An HPDv2 folder: `<split>.json` plus the images under `<split>/` (or paths relative to the folder).
+
+    Image paths are confined to the folder given as --from (see :meth:`image_path`).
+    """
 
     def __init__(self, source: str | Path, split: str):
         p = Path(source)
@@ -141,8 +165,10 @@ class HPDv2Source:
             raise PrefpipeError(f"--from {source}: no such folder (give the HPDv2 folder holding train.json/test.json)")
         self.split = split
         self.image_dir = self.root / split
+        # where image paths may lead once resolved: the folder given, and its split folder (maybe a link)
+        self.allowed = (self.root.resolve(), self.image_dir.resolve())
         self.label = str(source)
-        self.fingerprint = fingerprint(self.json.name, self.json.stat().st_size)
+        self.fingerprint = fingerprint(self.json.name, sha256_file(self.json))  # by content
 
     def entries(self) -> Iterator[Any]:
         return iter_json_array(self.json)
@@ -161,11 +187,14 @@ class HPDv2Source:
             ) from None
 
     def image_path(self, rel: str) -> Path:
-        for base in (self.image_dir, self.root):
-            p = base / rel
-            if p.exists():
-                return p
-        return self.image_dir / rel
+        """The file an entry's image path names: under `<split>/`, else under the folder (the first that
+        exists), resolved (symlinks followed). Raises OutsideFolder when that lies outside the folder given
+        (an absolute path elsewhere, `../`, a symlink out): such a path is never opened."""
+        p = next((base / rel for base in (self.image_dir, self.root) if (base / rel).exists()), self.image_dir / rel)
+        real = p.resolve()  # RuntimeError on a symlink loop, ValueError on a NUL in the path
+        if not any(real.is_relative_to(base) for base in self.allowed):
+            raise OutsideFolder(f"{rel} resolves outside the input folder {self.root}; not read")
+        return real
 
 
 def _hpdv2_units(src: HPDv2Source, opts: IngestOptions) -> Iterator[tuple[int, list[tuple[int, Any]]]]:
@@ -210,16 +239,20 @@ def _light_pass(src: HPDv2Source, opts: IngestOptions) -> tuple[int, dict[int, A
 
 # -- one unit --------------------------------------------------------------------------------------
 def _read_image(src: HPDv2Source, checker: ImageChecker, cache: dict, rel: str) -> tuple:
-    """(bytes to store, content hash, why bad) of one image path, read and checked once per entry."""
+    """(bytes to store, content hash, drop reason, why) of one image path, read and checked once per entry;
+    the reason is None for a good image, "outside_folder" (never read) or "bad_image"."""
     if rel not in cache:
-        p = src.image_path(rel)
+        p = src.image_dir / rel
         try:
+            p = src.image_path(rel)
             data = p.read_bytes()
-        except OSError as e:
-            cache[rel] = (None, None, f"cannot read {p}: {e.strerror or e}")
+        except OutsideFolder as e:
+            cache[rel] = (None, None, "outside_folder", str(e))
+        except (OSError, RuntimeError, ValueError) as e:  # missing, unreadable, a symlink loop, a NUL in the path
+            cache[rel] = (None, None, "bad_image", f"cannot read {p}: {getattr(e, 'strerror', None) or e}")
         else:
             stored, why = checker.check(data)
-            cache[rel] = (stored, digest(data), why)
+            cache[rel] = (stored, digest(data), "bad_image" if why else None, why)
     return cache[rel]
 
 
@@ -248,25 +281,28 @@ def hpdv2_unit(src: HPDv2Source, chunk: list[tuple[int, Any]], opts: IngestOptio
             writer.count("bad_entries")
             bad("bad_entry", f"{src.json.name} entry {idx}", str(e))
             continue
-        images: dict[str, tuple[bytes | None, bytes | None, str | None]] = {}  # each image read once per entry
+        images: dict[str, tuple] = {}  # each image read once per entry
         for pair in ranking_pairs(scores, opts.pairs):
             i, j, l0 = pair
             writer.count("pairs_read")
+            why = None
             reason = _pair_light(prompt, paths, pair, opts)
             if reason is None and k in dup_rows:
                 reason = "duplicate"
             k += 1
             if reason is None:
-                (s0, h0, why0), (s1, h1, why1) = (_read_image(src, ctx.checker, images, paths[i]),
-                                                  _read_image(src, ctx.checker, images, paths[j]))
-                if why0 or why1:
-                    reason = "bad_image"
-                    bad_path, why = (paths[i], why0) if why0 else (paths[j], why1)
-                    bad("bad_image", f"{src.json.name} entry {idx} image {bad_path}", why)
+                (s0, h0, reason0, why0), (s1, h1, reason1, why1) = (_read_image(src, ctx.checker, images, paths[i]),
+                                                                    _read_image(src, ctx.checker, images, paths[j]))
+                if reason0 or reason1:
+                    reason, bad_path, why = (reason0, paths[i], why0) if reason0 else (reason1, paths[j], why1)
+                    bad(reason, f"{src.json.name} entry {idx} image {bad_path}", why)
                 else:
                     reason = repeated.reason(prompt, h0, h1, l0)
+                    why = _WHY_BYTES.get(reason)
             if reason is not None:
                 writer.count(f"dropped_{reason}")
+                if reason in _WHY and bad.wants(reason):  # a filter's drop (the faults are logged above)
+                    bad(reason, f"{src.json.name} entry {idx} images {paths[i]}, {paths[j]}", why or _WHY[reason])
                 continue
             if l0 == 0.5:
                 writer.count("ties_kept")

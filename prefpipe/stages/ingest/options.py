@@ -12,7 +12,11 @@ from prefpipe.core.errors import PrefpipeError
 
 HUMAN_PAIRS = Path("pairs") / "human"
 # Drop reasons, in the order they are checked (cheap checks first, decoding last) and reported.
-REASONS = ("unlabeled", "bad_label", "tie", "same_images", "empty_caption", "duplicate", "bad_image")
+# outside_folder: an HPDv2 image path that resolves (symlinks followed) outside the folder given as --from.
+REASONS = ("unlabeled", "bad_label", "tie", "same_images", "empty_caption", "duplicate", "outside_folder",
+           "bad_image")
+# The drops the options ask for (logged at INFO); the other reasons are faults in the data (WARNING).
+FILTERED = ("unlabeled", "tie", "same_images", "empty_caption", "duplicate")
 
 
 @dataclass

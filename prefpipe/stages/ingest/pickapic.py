@@ -9,9 +9,13 @@
 Each dropped row gets one reason, the first that applies in this order (cheap checks first, decoding last):
 unlabeled (`has_label` false) · bad_label (labels not (1,0), (0,1) or (0.5,0.5)) · tie · same_images
 (`are_different` false) · empty_caption · duplicate · same_images (identical bytes) · duplicate (identical
-bytes) · bad_image (null, empty or undecodable). Every filter but bad_label can be switched off.
+bytes) · bad_image (null, empty or undecodable). Every filter but bad_label can be switched off. Each dropped
+row is logged with its key (file, row, ranking_id): faults at WARNING, the filters' drops at INFO.
 Duplicates (see duplicates.py): by image uid across the dataset, from a first pass over only the light
 columns (caption, uids, labels, flags); by image bytes within a unit.
+
+A file that is not Parquet, or a shard found truncated or corrupt (at the start or mid-run), stops the run
+with one message naming the file (PrefpipeError); the shards already written stay, so a re-run resumes.
 
 Memory: the image columns are read one row group at a time (pyarrow decodes a whole column chunk), so the
 peak is set by the largest input row group, not by the number of rows or files (benchmarks/ingest.py: the
@@ -28,10 +32,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from prefpipe.core.dataset import fingerprint, parquet_files
 from prefpipe.core.errors import PrefpipeError
+from prefpipe.core.identity import files_fingerprint, fingerprint
 from prefpipe.core.prompts import prompt_id
 from prefpipe.core.schema import PAIRS, check_columns, conform
+from prefpipe.core.tables import parquet_files
 from prefpipe.stages.ingest.duplicates import (
     RepeatedPairs,
     cached_plan,
@@ -40,7 +45,7 @@ from prefpipe.stages.ingest.duplicates import (
     pair_key,
     plan_duplicates,
 )
-from prefpipe.stages.ingest.options import HUMAN_PAIRS, REASONS, IngestOptions
+from prefpipe.stages.ingest.options import FILTERED, HUMAN_PAIRS, REASONS, IngestOptions
 from prefpipe.stages.ingest.run import Job, UnitContext, checked_options, run_units
 
 _CODE = {r: i + 1 for i, r in enumerate(REASONS)}  # 0 = kept
@@ -74,6 +79,33 @@ LIGHT_COLUMNS = ["caption", "image_0_uid", "image_1_uid", "label_0", "label_1", 
 
 
 # -- sources ---------------------------------------------------------------------------------------
+def _unreadable(path: Path, error: Exception, *, started: bool = False) -> PrefpipeError:
+    """The one message for an input file that pyarrow cannot read: which file, why, what to do."""
+    why = " ".join(str(error).split()) or type(error).__name__
+    if not started and not _starts_as_parquet(path):
+        return PrefpipeError(
+            f"{path}: not a Parquet file ({why}). Remove it from the folder, or point --from at the shards alone "
+            f"(a glob that leaves it out, e.g. --from '{path.parent}/train-*.parquet')"
+        )
+    return PrefpipeError(
+        f"{path}: cannot be read: the Parquet file is truncated or corrupt ({why}). Download it again (or remove "
+        "it and point --from at the other shards)" + ("; the shards already written are kept, a re-run resumes"
+                                                        if started else "")
+    )
+
+
+def _starts_as_parquet(path: Path) -> bool:
+    """Whether the file begins with Parquet's magic bytes (a Parquet file cut short still does)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PAR1"
+    except OSError:
+        return False
+
+
+_READ_ERRORS = (pa.ArrowException, OSError)  # pyarrow's read errors (ArrowIOError is an OSError)
+
+
 class ParquetSource:
     """Local Parquet files, one unit per file (in sorted path order)."""
 
@@ -82,17 +114,35 @@ class ParquetSource:
 
         self.files = files
         self.label = label
-        self.rows = [pq.ParquetFile(f).metadata.num_rows for f in files]
-        self.schema = pq.read_schema(files[0])
-        for f in files[1:]:
-            other = pq.read_schema(f)
+        self.rows, schemas = [], []
+        for f in files:  # every footer read up front: a file that is not Parquet stops here, named
+            try:
+                pf = pq.ParquetFile(f)
+                self.rows.append(pf.metadata.num_rows)
+                schemas.append(pf.schema_arrow)
+            except _READ_ERRORS as e:
+                raise _unreadable(f, e) from None
+        self.schema = schemas[0]
+        for f, other in zip(files[1:], schemas[1:]):
             if not other.equals(self.schema):
                 missing = sorted(set(self.schema.names) ^ set(other.names))
                 raise PrefpipeError(
                     f"{f}: its columns differ from {files[0].name}'s"
                     + (f" ({', '.join(missing)})" if missing else " (types)") + "; give files of one dataset"
                 )
-        self.fingerprint = fingerprint([(f.name, f.stat().st_size) for f in files])
+        try:
+            self.fingerprint = files_fingerprint(files)  # by content: a file changed in place is another input
+        except _READ_ERRORS as e:
+            raise self._culprit(e) from None
+
+    def _culprit(self, error: Exception) -> PrefpipeError:
+        """The fingerprint read a corrupt page in some file: find which (an error path only), name it."""
+        for f in self.files:
+            try:
+                files_fingerprint([f])
+            except _READ_ERRORS as e:
+                return _unreadable(f, e)
+        return PrefpipeError(f"--from {self.label}: the input files cannot be read ({error})")
 
     @property
     def n_units(self) -> int:
@@ -108,9 +158,13 @@ class ParquetSource:
         import pyarrow.parquet as pq
 
         # pre_buffer off: the reader holds one column chunk at a time instead of a whole row group's
-        pf = pq.ParquetFile(self.files[unit], pre_buffer=False, buffer_size=1 << 20)
-        for batch in pf.iter_batches(batch_size=batch_size, columns=columns, use_threads=False):
-            yield pa.Table.from_batches([batch])
+        try:
+            pf = pq.ParquetFile(self.files[unit], pre_buffer=False, buffer_size=1 << 20)
+            batches = pf.iter_batches(batch_size=batch_size, columns=columns, use_threads=False)
+            for batch in batches:
+                yield pa.Table.from_batches([batch])
+        except _READ_ERRORS as e:  # a corrupt page met mid-run (the footer was fine at the start)
+            raise _unreadable(self.files[unit], e, started=True) from None
 
 
 class StreamingSource:
@@ -284,6 +338,19 @@ def light_reasons(table: pa.Table, opts: IngestOptions):
     return reasons
 
 
+_WHY = {  # why a row was dropped by a filter, for the log (by key)
+    "unlabeled": "has_label is false",
+    "tie": "labels (0.5, 0.5): a tie",
+    "same_images": "are_different is false",
+    "empty_caption": "the caption is empty or blank",
+    "duplicate": "repeats an earlier pair (same caption, same image uids, same outcome)",
+}
+_WHY_BYTES = {
+    "same_images": "the two images have identical bytes",
+    "duplicate": "repeats an earlier pair of this shard (same caption, same image bytes, same outcome)",
+}
+
+
 def _pickapic_keys(table: pa.Table, rows) -> tuple[list[int], list[int]]:
     """(rows, duplicate keys) of the given rows: caption, unordered uid pair, outcome. Rows without both
     uids get no key (they can only be caught by the byte-level rule)."""
@@ -329,6 +396,7 @@ def pickapic_unit(source: ParquetSource | StreamingSource, unit: int, cap: int |
     writer, checker, bad = ctx.writer, ctx.checker, ctx.bad
     repeated = RepeatedPairs(opts)  # byte-level duplicate keys within this unit
     row0 = 0
+    where = source.where(unit)
     for table in _capped(source.batches(unit, None, ctx.batch_size), cap):
         n = table.num_rows
         reasons = light_reasons(table, opts)
@@ -341,16 +409,18 @@ def pickapic_unit(source: ParquetSource | StreamingSource, unit: int, cap: int |
         l0 = table["label_0"].to_pylist()
         rid = table["ranking_id"].to_pylist()
         uids = (table["image_0_uid"].to_pylist(), table["image_1_uid"].to_pylist())
+        by_bytes: set[int] = set()  # rows dropped as same_images / duplicate by their image bytes
         if has_images:
             imgs = (table["jpg_0"].to_pylist(), table["jpg_1"].to_pylist())
             out = (list(imgs[0]), list(imgs[1]))
             for i in np.flatnonzero(reasons == 0):
-                key = f"{source.where(unit)} row {row0 + i} (ranking_id={rid[i]})"
+                key = f"{where} row {row0 + i} (ranking_id={rid[i]})"
                 b0, b1 = imgs[0][i], imgs[1][i]
                 if b0 and b1:
                     reason = repeated.reason(caps[i], digest(b0), digest(b1), l0[i])
                     if reason is not None:
                         reasons[i] = _CODE[reason]
+                        by_bytes.add(int(i))
                         continue
                 for k in (0, 1):
                     new, why = checker.check(imgs[k][i])
@@ -360,8 +430,14 @@ def pickapic_unit(source: ParquetSource | StreamingSource, unit: int, cap: int |
                         break
                     out[k][i] = new
         for i in np.flatnonzero(reasons == _CODE["bad_label"]):
-            bad("bad_label", f"{source.where(unit)} row {row0 + i} (ranking_id={rid[i]})",
+            bad("bad_label", f"{where} row {row0 + i} (ranking_id={rid[i]})",
                 f"labels ({table['label_0'][i]}, {table['label_1'][i]}) are not (1,0), (0,1) or (0.5,0.5)")
+        for reason in FILTERED:  # the filters' drops, by key (up to the logger's cap: no keys built past it)
+            for i in np.flatnonzero(reasons == _CODE[reason]):
+                if not bad.wants(reason):
+                    break
+                why = (_WHY_BYTES if int(i) in by_bytes else _WHY)[reason]
+                bad(reason, f"{where} row {row0 + i} (ranking_id={rid[i]})", why)
         counts = np.bincount(reasons, minlength=len(REASONS) + 1)
         writer.count("rows_read", n)
         for reason, c in zip(REASONS, counts[1:]):

@@ -3,9 +3,10 @@
 - Output: `WORKDIR/pairs/human`, a ShardedDataset of PAIRS; one unit of the input -> one shard.
 - Rank r of w takes units r, r+w, ... (`rank_world()`); a shard is written to a temporary name and renamed,
   so a re-run resumes with the units still pending.
-- Each unit gets a UnitContext: its shard writer, the shared ImageChecker and bad-row logger, the batch size
-  and the progress bar. Its counters (rows read, kept, dropped_<reason>, ...) are summed into this run's
-  counters and, over every finished unit, into the summary line and `_prefpipe.json`.
+- Each unit gets a UnitContext: its shard writer, the shared ImageChecker and the logger of dropped rows (each
+  with its key), the batch size and the progress bar. Its counters (rows read, kept, dropped_<reason>, ...)
+  are summed into this run's counters and, over every finished unit, into the summary line and
+  `_prefpipe.json`.
 - Beyond a source's own state, only the summary's distinct-prompt count (a set of prompt ids, read back from
   the output once every shard is done) grows with the data.
 """
@@ -21,11 +22,11 @@ from typing import Any
 
 import click
 
-from prefpipe.core.dataset import ShardedDataset, UnitWriter, rank_world
+from prefpipe.core.dataset import ShardedDataset, UnitWriter, barrier, is_main_process, rank_world
 from prefpipe.core.errors import PrefpipeError
 from prefpipe.core.images import ImageChecker
 from prefpipe.core.schema import PAIRS
-from prefpipe.stages.ingest.options import HUMAN_PAIRS, REASONS, IngestOptions
+from prefpipe.stages.ingest.options import FILTERED, HUMAN_PAIRS, REASONS, IngestOptions
 
 log = logging.getLogger("prefpipe.ingest")
 
@@ -42,21 +43,31 @@ def checked_options(opts: IngestOptions | None, batch_size: int) -> IngestOption
 
 
 class BadRows:
-    """Logs bad rows with their key (up to `_LOG_LIMIT` per reason) and keeps a few examples."""
+    """Logs dropped rows with their key (up to `_LOG_LIMIT` per reason) and keeps a few examples of bad ones.
+
+    Drops the options ask for (`FILTERED`: ties, duplicates, ...) are logged at INFO; faults in the data
+    (bad label, bad image, a path outside the input folder, a bad entry) at WARNING and kept as examples.
+    """
 
     def __init__(self):
         self.logged: dict[str, int] = {}
         self.examples: list[str] = []
 
+    def wants(self, reason: str) -> bool:
+        """Whether a row dropped for `reason` would still be logged (callers skip building keys when not)."""
+        return self.logged.get(reason, 0) <= _LOG_LIMIT
+
     def __call__(self, reason: str, key: str, why: str) -> None:
         n = self.logged.get(reason, 0)
         self.logged[reason] = n + 1
-        if len(self.examples) < 20:
+        filtered = reason in FILTERED
+        if not filtered and len(self.examples) < 20:
             self.examples.append(f"{reason}: {key}: {why}")
+        level = logging.INFO if filtered else logging.WARNING
         if n < _LOG_LIMIT:
-            log.warning("skipped %s: %s: %s", reason, key, why)
+            log.log(level, "skipped %s: %s: %s", reason, key, why)
         elif n == _LOG_LIMIT:
-            log.warning("more %s rows are not logged (see the counts in the summary)", reason)
+            log.log(level, "more %s rows are not logged (see the counts in the summary)", reason)
 
 
 @dataclass
@@ -116,11 +127,15 @@ def run_units(job: Job, out: str | Path, opts: IngestOptions, *, batch_size: int
         checker = ImageChecker(opts.verify_images, opts.max_side, opts.jpeg_quality)
         bad = BadRows()
         for unit, unit_work in work:
-            with ds.write_unit(unit) as writer:
-                job.run_unit(unit, unit_work, UnitContext(writer, checker, bad, batch_size, bar))
-                if checker.resized:
-                    writer.count("images_resized", checker.resized)
-                    checker.resized = 0
+            with ds.claim(unit) as mine:
+                if not mine or ds.is_done(unit):  # another launch into this folder is writing it, or wrote it
+                    ds.busy.append(unit)
+                    continue
+                with ds.write_unit(unit) as writer:
+                    job.run_unit(unit, unit_work, UnitContext(writer, checker, bad, batch_size, bar))
+                    if checker.resized:
+                        writer.count("images_resized", checker.resized)
+                        checker.resized = 0
             for k, v in writer.stats.items():
                 counters[k] = counters.get(k, 0) + v
             counters["units_written"] += 1
@@ -146,7 +161,9 @@ def _distinct_prompts(ds: ShardedDataset) -> int:
 
 
 def _finish(ds: ShardedDataset, stage: str, noun: str, counters: dict, wall: float, rank: int, world: int) -> dict:
-    """Print the one-line summary and store the dataset-wide counters in `_prefpipe.json`."""
+    """Print the one-line summary (one process under a launcher) and store the dataset-wide counters in
+    `_prefpipe.json`, once every process has finished its share."""
+    barrier()
     total = ds.stats()
     done = sum(ds.is_done(u) for u in range(ds.n_units))
     read = total.get(f"{noun}_read", 0)
@@ -171,6 +188,7 @@ def _finish(ds: ShardedDataset, stage: str, noun: str, counters: dict, wall: flo
     if world > 1:
         line = f"[rank {rank}/{world}] " + line
     ds.record(summary=summary)
-    click.echo(line, err=True)
+    if is_main_process():
+        click.echo(line, err=True)
     counters.update(total=summary, wall_s=wall, shards_finished=done)
     return counters
