@@ -32,6 +32,18 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: in
     return proc
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine two spinning OpenMP threads per
+    process make a step up to 100x slower; accelerate gives its CPU processes one thread each too."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd15(tmp_path_factory) -> Path:
     from prefpipe.testing.tiny import write_tiny_pipeline

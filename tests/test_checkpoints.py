@@ -17,13 +17,7 @@ from prefpipe.core.errors import PrefpipeError
 from tests.test_train import _cfg, _metrics, _pairs
 from trainer.recipes import train
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class Payload:

@@ -28,12 +28,7 @@ PROMPTS = ["a red box", "a blue ball", "a green tree", "a yellow cat"]
 PER_PROMPT, STEPS, GUIDANCE = 3, 4, 3.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only contend on a 2-core machine
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

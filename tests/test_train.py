@@ -30,14 +30,7 @@ from trainer.recipes import train
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine two spinning OpenMP threads per
-    process make a step up to 100x slower; accelerate gives its CPU processes one thread each too."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ------------------------------------------------------------------------------------------------------

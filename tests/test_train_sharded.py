@@ -37,13 +37,7 @@ TRAIN = ["train", "--resolution", "32", "--batch-size", "1", "--gradient-accumul
          "--learning-rate", "1e-4", "--checkpoint-every", "2", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The in-process runs too: one thread, as the launched processes (see tests/test_train.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def write_pairs(folder: Path, n: int = 8) -> Path:
