@@ -6,7 +6,9 @@
 
 Reports images/s of `prefpipe generate` and of a bare loop calling the same pipeline with the same
 batches (the floor: no PNG encoding, no Parquet, no bookkeeping), their ratio, the share of the stage's
-wall time spent outside the pipeline call (our overhead), and peak RSS. Writes benchmarks/results/generate.json.
+wall time spent outside the pipeline call (our overhead: PNG encoding and writing run in a background
+thread, so it should be small), and peak RSS. The two alternate over `--rounds` rounds (a noisy machine
+slows both alike within a round); the figures are the medians. Writes benchmarks/results/generate.json.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--size", default=None)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds of the bare loop and the stage")
     args = ap.parse_args()
 
     import torch
@@ -69,10 +72,16 @@ def main() -> None:
             pipe(prompt=[p for _, p, _ in batch], generator=gens, **call)
         return time.perf_counter() - t0
 
+    import statistics
+
     bare_loop(batches[:1])  # warm-up (first-call kernel selection) outside both measurements
-    bare_wall = bare_loop(batches)
-    stage = generate(opts, prompt_file, work / "stage", batch_size=args.batch_size, progress=False, pipe=pipe)
-    stage_wall = stage["wall_s"]
+    rounds = []
+    for r in range(args.rounds):
+        bare_wall = bare_loop(batches)
+        stage = generate(opts, prompt_file, work / f"stage-{r}", batch_size=args.batch_size, progress=False, pipe=pipe)
+        rounds.append({"bare_s": bare_wall, "stage_s": stage["wall_s"], "pipeline_s": stage["pipeline_s"]})
+    bare_wall = statistics.median(x["bare_s"] for x in rounds)
+    stage_wall = statistics.median(x["stage_s"] for x in rounds)
 
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = {
@@ -85,8 +94,9 @@ def main() -> None:
         "batch_size": args.batch_size,
         "stage_images_per_s": n_images / stage_wall,
         "bare_loop_images_per_s": n_images / bare_wall,
-        "stage_vs_bare_ratio": bare_wall / stage_wall,
-        "share_outside_pipeline": 1 - stage["pipeline_s"] / stage_wall,
+        "stage_vs_bare_ratio": statistics.median(x["bare_s"] / x["stage_s"] for x in rounds),
+        "share_outside_pipeline": statistics.median(1 - x["pipeline_s"] / x["stage_s"] for x in rounds),
+        "rounds": rounds,
         "peak_rss_mb": rss_mb,
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
     }
@@ -95,7 +105,8 @@ def main() -> None:
     (out / "generate.json").write_text(json.dumps(result, indent=2))
     width = max(map(len, result))
     for k, v in result.items():
-        print(f"{k:<{width}}  {v:.3f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+        if k != "rounds":
+            print(f"{k:<{width}}  {v:.3f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -121,8 +121,11 @@ class AestheticScore(TorchScorer):
             f"/{clip_pretrained})" if clip_model == DEFAULT_CLIP else ")"
         )
 
-    def _score_batch(self, images: list[Image.Image], prompts: list[str]):
-        pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device, self.dtype)
+    def prepare_batch(self, images: list[Image.Image], prompts: list[str]) -> dict:
+        return {"pixels": torch.stack([self.preprocess(im) for im in images])}
+
+    def forward_batch(self, inputs: dict):
+        pixels = inputs["pixels"].to(self.device, self.dtype)
         embedding = self.clip.encode_image(pixels).float()
         norm = torch.linalg.vector_norm(embedding, dim=-1, keepdim=True)
         embedding = embedding / torch.where(norm == 0, torch.ones_like(norm), norm)

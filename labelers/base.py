@@ -85,8 +85,10 @@ def from_pretrained(cls, location: str, what: str, **kwargs):
 class TorchScorer(ABC):
     """Base of the model-backed scorers: resolves device/dtype and feeds the model `batch_size` pairs at a time.
 
-    Subclasses set `name`, `version`, `higher_is_better` and implement `_score_batch`, which gets at most
-    `batch_size` images with their prompts and returns a tensor or array of shape (B,).
+    Subclasses set `name`, `version`, `higher_is_better` and implement two halves of a batch: `prepare_batch`
+    (images and prompts of at most `batch_size` pairs -> the model's CPU inputs: the reference preprocessing
+    and tokenization) and `forward_batch` (those inputs -> a tensor or array of shape (B,)). `score` prepares the
+    next batch in a background thread while the model runs this one, so the accelerator never waits on PIL.
     """
 
     name: str
@@ -109,20 +111,27 @@ class TorchScorer(ABC):
         """Score N (image, prompt) pairs -> float32 array of shape (N,)."""
         import torch
 
+        from prefpipe.core.background import prefetch
+
         check_inputs(images, prompts)
+        chunks = [(list(images[i : i + self.batch_size]), list(prompts[i : i + self.batch_size]))
+                  for i in range(0, len(images), self.batch_size)]
         out = []
-        with torch.inference_mode():
-            for start in range(0, len(images), self.batch_size):
-                stop = start + self.batch_size
-                batch = self._score_batch(list(images[start:stop]), list(prompts[start:stop]))
-                if isinstance(batch, torch.Tensor):
-                    batch = batch.detach().float().cpu().numpy()
-                out.append(np.asarray(batch, dtype=np.float32).reshape(-1))
+        for inputs in prefetch(chunks, lambda chunk: self.prepare_batch(*chunk)):
+            with torch.inference_mode():
+                batch = self.forward_batch(inputs)
+            if isinstance(batch, torch.Tensor):
+                batch = batch.detach().float().cpu().numpy()
+            out.append(np.asarray(batch, dtype=np.float32).reshape(-1))
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
     @abstractmethod
-    def _score_batch(self, images: list[Image.Image], prompts: list[str]):
-        """Scores of one batch, shape (B,)."""
+    def prepare_batch(self, images: list[Image.Image], prompts: list[str]) -> dict:
+        """The model's inputs for one batch, on the CPU (runs in a background thread)."""
+
+    @abstractmethod
+    def forward_batch(self, inputs: dict):
+        """Scores of one batch from `prepare_batch`'s inputs, shape (B,)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(version={self.version!r}, device={self.device}, dtype={self.dtype})"

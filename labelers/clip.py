@@ -102,16 +102,23 @@ class ClipScore(TorchScorer):
         self.backend = backend
         self.model.eval().to(self.device, self.dtype)
 
-    def _score_batch(self, images: list[Image.Image], prompts: list[str]):
+    def prepare_batch(self, images: list[Image.Image], prompts: list[str]) -> dict:
         import torch
 
         if self.backend == "open_clip":
-            pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device, self.dtype)
-            image_emb = self.model.encode_image(pixels)
-            text_emb = self.model.encode_text(self.tokenizer(prompts).to(self.device))
+            return {"pixels": torch.stack([self.preprocess(im) for im in images]), "tokens": self.tokenizer(prompts)}
+        pixels = self.image_processor(images=drop_alpha(images), return_tensors="pt")["pixel_values"]
+        text = self.tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        return {"pixels": pixels, "text": text}
+
+    def forward_batch(self, inputs: dict):
+        import torch
+
+        if self.backend == "open_clip":
+            image_emb = self.model.encode_image(inputs["pixels"].to(self.device, self.dtype))
+            text_emb = self.model.encode_text(inputs["tokens"].to(self.device))
         else:
-            pixels = self.image_processor(images=drop_alpha(images), return_tensors="pt")["pixel_values"]
-            text = self.tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+            pixels, text = inputs["pixels"], inputs["text"]
             image_emb = projected(
                 self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
             )

@@ -153,11 +153,16 @@ class HPSv2(TorchScorer):
         size = self.model.visual.image_size
         self.image_size = size[0] if isinstance(size, (tuple, list)) else size
 
-    def _score_batch(self, images: list[Image.Image], prompts: list[str]):
+    def prepare_batch(self, images: list[Image.Image], prompts: list[str]) -> dict:
         import torch
 
-        pixels = torch.stack([hps_preprocess(im, self.image_size) for im in images])
-        tokens = self.tokenizer(prompts)
+        return {"pixels": torch.stack([hps_preprocess(im, self.image_size) for im in images]),
+                "tokens": self.tokenizer(prompts)}
+
+    def forward_batch(self, inputs: dict):
+        import torch
+
+        pixels, tokens = inputs["pixels"], inputs["tokens"]
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             image_features = self.model.encode_image(pixels.to(self.device), normalize=True)
             text_features = self.model.encode_text(tokens.to(self.device), normalize=True)

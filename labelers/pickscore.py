@@ -55,11 +55,15 @@ class PickScore(TorchScorer):
         self.model = from_pretrained(CLIPModel, weights, "PickScore model").eval().to(self.device, self.dtype)
         self.image_processor, self.tokenizer = load_clip_processing(str(processor))
 
-    def _score_batch(self, images: list[Image.Image], prompts: list[str]):
-        import torch
-
+    def prepare_batch(self, images: list[Image.Image], prompts: list[str]) -> dict:
         pixels = self.image_processor(images=drop_alpha(images), return_tensors="pt")["pixel_values"]
         text = self.tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        return {"pixels": pixels, "text": text}
+
+    def forward_batch(self, inputs: dict):
+        import torch
+
+        pixels, text = inputs["pixels"], inputs["text"]
         image_emb = projected(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype)))
         text_emb = projected(
             self.model.get_text_features(

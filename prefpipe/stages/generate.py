@@ -24,6 +24,7 @@ from typing import Literal
 import click
 import pyarrow as pa
 
+from prefpipe.core.background import Background
 from prefpipe.core.dataset import ShardedDataset, barrier, rank_world
 from prefpipe.core.errors import PrefpipeError
 from prefpipe.core.identity import fingerprint
@@ -228,7 +229,7 @@ def generate(
         lo = unit * opts.prompts_per_shard
         unit_prompts = list(zip(ps.ids[lo : lo + opts.prompts_per_shard], ps.prompts[lo : lo + opts.prompts_per_shard]))
         jobs = [(pid, text, c) for pid, text in unit_prompts for c in range(opts.per_prompt)]
-        with ds.write_unit(unit) as writer:
+        with ds.write_unit(unit) as writer, Background(lambda item, w=writer: _write_batch(w, *item)) as bg:
             for b in range(0, len(jobs), batch_size):
                 batch = jobs[b : b + batch_size]
                 seeds = [image_seed(opts.seed, pid, c) for pid, _, c in batch]
@@ -249,28 +250,21 @@ def generate(
                 t0 = time.perf_counter()
                 images = pipe(**kwargs).images
                 t_pipe += time.perf_counter() - t0
-                trajectories = [None] * len(batch)
-                if opts.trajectories:
-                    stacked = torch.stack(steps_seen, dim=1).numpy()  # (B, T+1, C, h, w)
-                    ts = pipe.scheduler.timesteps.cpu().numpy()
-                    trajectories = [encode_trajectory(stacked[i], ts, eta, guidance) for i in range(len(batch))]
-                    writer.count("trajectory_bytes", sum(len(t) for t in trajectories))
+                trajectory = None
+                if opts.trajectories:  # (B, T+1, C, h, w) latents and the timesteps, encoded in the background
+                    trajectory = (torch.stack(steps_seen, dim=1).numpy(), pipe.scheduler.timesteps.cpu().numpy(), eta)
                 rows = {
                     "prompt_id": [pid for pid, _, _ in batch],
                     "prompt": [text for _, text, _ in batch],
                     "candidate": [c for _, _, c in batch],
                     "seed": seeds,
-                    "image": [_png(im) for im in images],
-                    "width": [im.width for im in images],
-                    "height": [im.height for im in images],
                     "model": [model_name] * len(batch),
                     "scheduler": [scheduler_name] * len(batch),
                     "steps": [steps] * len(batch),
                     "guidance": [float(guidance)] * len(batch),
                     "negative_prompt": [opts.negative_prompt] * len(batch),
-                    "trajectory": trajectories,
                 }
-                writer.write(pa.table(rows, schema=CANDIDATES))
+                bg.put((rows, images, trajectory))  # PNG encoding and writing overlap the next batch's sampling
                 bar.update(len(batch))
             writer.count("images", len(jobs))
         counters["units_written"] += 1
@@ -278,6 +272,18 @@ def generate(
     bar.close()
     _summary(ds, counters, time.perf_counter() - t_start, t_pipe, rank, world)
     return counters
+
+
+def _write_batch(writer, rows: dict, images: list, trajectory) -> None:
+    """One batch's rows into the shard (in the background thread): PNGs, trajectories, the Parquet write."""
+    rows = dict(rows, image=[_png(im) for im in images], width=[im.width for im in images],
+                height=[im.height for im in images], trajectory=[None] * len(images))
+    if trajectory is not None:
+        stacked, timesteps, eta = trajectory
+        guidance = rows["guidance"][0]
+        rows["trajectory"] = [encode_trajectory(stacked[i], timesteps, eta, guidance) for i in range(len(images))]
+        writer.count("trajectory_bytes", sum(len(t) for t in rows["trajectory"]))
+    writer.write(pa.table(rows, schema=CANDIDATES))
 
 
 def _shared_noise(pipe, seed: int, prompt_ids: list[str], size: tuple[int, int]):

@@ -22,6 +22,7 @@ import polars as pl
 import pyarrow as pa
 
 from labelers.registry import parse_weights
+from prefpipe.core.background import prefetch
 from prefpipe.core.dataset import ShardedDataset, barrier, is_main_process, rank_world
 from prefpipe.core.errors import PrefpipeError
 from prefpipe.core.files import write_atomic
@@ -32,7 +33,7 @@ from prefpipe.core.schema import PAIRS, SCORES, check_columns, conform
 from prefpipe.core.stats import best_tie_threshold, stable_halves, tie_aware_points, wilson_interval
 from prefpipe.core.tables import parquet_file, parquet_files
 from prefpipe.stages.pairs import PairCounts, PairOptions, build_pairs
-from prefpipe.stages.scoring import load_scorers, score_rows
+from prefpipe.stages.scoring import decode_rows, load_scorers, score_decoded
 
 log = logging.getLogger("prefpipe.label")
 
@@ -85,10 +86,13 @@ def score_candidates(
             pf = parquet_file(files[unit])
             sized = {"width", "height"} <= set(pf.schema_arrow.names)
             columns = ["prompt_id", "candidate", "prompt", "image"] + (["width", "height"] if sized else [])
-            for batch in pf.iter_batches(batch_size=max(batch_size, 64), columns=columns):
+            def decoded(batch, sized=sized):  # in a background thread, one batch ahead of the scorers
                 rows = batch.to_pydict()
-                scored = score_rows(scorers, [rows["image"]], rows["prompt"],
-                                    sizes=list(zip(rows["width"], rows["height"])) if sized else None)
+                return rows, decode_rows([rows["image"]], rows["prompt"],
+                                         sizes=list(zip(rows["width"], rows["height"])) if sized else None)
+
+            for rows, ready in prefetch(pf.iter_batches(batch_size=max(batch_size, 64), columns=columns), decoded):
+                scored = score_decoded(scorers, ready)
                 for i, reason, why in scored.bad:
                     writer.count(SCORE_DROPS[reason])
                     log.warning("score: %s/%s in %s skipped: %s", rows["prompt_id"][i], rows["candidate"][i],
@@ -105,7 +109,7 @@ def score_candidates(
                         "score": pa.array(scored.column(scorer.name), pa.float32()),
                     }, schema=SCORES))
                 writer.count("images", len(keep))
-                bar.update(batch.num_rows)
+                bar.update(len(rows["image"]))
     bar.close()
     barrier()  # every process's shards are there: the scores are complete wherever this returns
     return ds
@@ -220,12 +224,14 @@ def relabel_pairs(
         cols = [c for c in ("caption", "jpg_0", "jpg_1", "label_0", "image_0_uid", "image_1_uid", "prompt_id")
                 if c in pf.schema_arrow.names]
         with ds.write_unit(unit) as writer:
-            for batch in pf.iter_batches(batch_size=max(batch_size, 64), columns=cols):
+            def decoded(batch):  # in a background thread, one batch ahead of the scorers
                 rows = batch.to_pydict()
-                n = batch.num_rows
-                scored = score_rows(scorers, [rows["jpg_0"], rows["jpg_1"]], rows["caption"],
-                                    keep=lambda i, rows=rows: None if (rows["caption"][i] or "").strip() else "empty caption",
-                                    keep_reason="empty_caption")
+                return rows, decode_rows([rows["jpg_0"], rows["jpg_1"]], rows["caption"], keep_reason="empty_caption",
+                                         keep=lambda j: None if (rows["caption"][j] or "").strip() else "empty caption")
+
+            for rows, ready in prefetch(pf.iter_batches(batch_size=max(batch_size, 64), columns=cols), decoded):
+                n = len(rows["caption"])
+                scored = score_decoded(scorers, ready)
                 for i, reason, why in scored.bad:
                     writer.count("bad_rows")
                     writer.count(SCORE_DROPS[reason])

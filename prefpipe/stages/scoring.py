@@ -56,15 +56,22 @@ class ScoredRows:
         return self.scores[scorer][:, image]
 
 
-def score_rows(scorers: Sequence[Scorer], images: Sequence[Sequence[bytes | None]], prompts: Sequence[str], *,
-               keep: Callable[[int], str | None] | None = None, keep_reason: str = "bad_row",
-               sizes: Sequence[tuple[int | None, int | None]] | None = None) -> ScoredRows:
-    """Score a batch of rows: `images[c][i]` is image column c of row i (one column for candidates, two for
-    pairs), `prompts[i]` its prompt, `sizes[i]` the (width, height) row i declares. `keep(i)`, if given,
-    returns why row i is left out before decoding (an empty caption: reason `keep_reason`), or None."""
-    out = ScoredRows()
-    decoded: list[list] = [[] for _ in images]
-    candidates: list[int] = []
+@dataclass
+class DecodedRows:
+    """A batch's rows decoded (by :func:`decode_rows`), before any scorer ran."""
+
+    rows: list[int]  # row indices whose images decoded, in order
+    images: list[list]  # images[c]: image column c of those rows, 8-bit RGB
+    prompts: list[str]
+    bad: list[tuple[int, str, str]]
+    converted: list[tuple[int, str]]
+
+
+def decode_rows(images: Sequence[Sequence[bytes | None]], prompts: Sequence[str], *,
+                keep: Callable[[int], str | None] | None = None, keep_reason: str = "bad_row",
+                sizes: Sequence[tuple[int | None, int | None]] | None = None) -> DecodedRows:
+    """Decode a batch of rows (see :func:`score_rows`); the half that can run ahead, in another thread."""
+    out = DecodedRows([], [[] for _ in images], [], [], [])
     for i in range(len(prompts)):
         why = keep(i) if keep is not None else None
         reason = keep_reason
@@ -87,26 +94,43 @@ def score_rows(scorers: Sequence[Scorer], images: Sequence[Sequence[bytes | None
         if why is not None:
             out.bad.append((i, reason, why))
             continue
-        candidates.append(i)
+        out.rows.append(i)
+        out.prompts.append(prompts[i])
         for c, im in enumerate(row):
-            decoded[c].append(im)
-    n = len(candidates)
-    kept_prompts = [prompts[i] for i in candidates]
+            out.images[c].append(im)
+    return out
+
+
+def score_decoded(scorers: Sequence[Scorer], decoded: DecodedRows) -> ScoredRows:
+    """Run every scorer on a decoded batch; rows with a non-finite score move to `bad`."""
+    out = ScoredRows(bad=list(decoded.bad), converted=list(decoded.converted))
+    n, columns = len(decoded.rows), len(decoded.images)
     raw: dict[str, np.ndarray] = {}
     for scorer in scorers:
         if n:
-            flat = np.asarray(scorer.score([im for column in decoded for im in column], kept_prompts * len(images)),
+            flat = np.asarray(scorer.score([im for column in decoded.images for im in column], decoded.prompts * columns),
                               dtype=np.float32).reshape(-1)
-            raw[scorer.name] = flat.reshape(len(images), n).T
+            raw[scorer.name] = flat.reshape(columns, n).T
         else:
-            raw[scorer.name] = np.zeros((0, len(images)), np.float32)
+            raw[scorer.name] = np.zeros((0, columns), np.float32)
     finite = np.ones(n, bool)
     for name, values in raw.items():
         for j in np.flatnonzero(~np.isfinite(values).all(axis=1)):
             if finite[j]:
-                out.bad.append((candidates[j], "nonfinite_score", f"{name} gave {values[j].tolist()}"))
+                out.bad.append((decoded.rows[j], "nonfinite_score", f"{name} gave {values[j].tolist()}"))
             finite[j] = False
-    out.kept = [i for i, ok in zip(candidates, finite) if ok]
+    out.kept = [i for i, ok in zip(decoded.rows, finite) if ok]
     out.scores = {name: values[finite] for name, values in raw.items()}
     out.bad.sort()
     return out
+
+
+def score_rows(scorers: Sequence[Scorer], images: Sequence[Sequence[bytes | None]], prompts: Sequence[str], *,
+               keep: Callable[[int], str | None] | None = None, keep_reason: str = "bad_row",
+               sizes: Sequence[tuple[int | None, int | None]] | None = None) -> ScoredRows:
+    """Score a batch of rows: `images[c][i]` is image column c of row i (one column for candidates, two for
+    pairs), `prompts[i]` its prompt, `sizes[i]` the (width, height) row i declares. `keep(i)`, if given,
+    returns why row i is left out before decoding (an empty caption: reason `keep_reason`), or None.
+    :func:`decode_rows` then :func:`score_decoded`; a loop over many batches decodes the next one ahead
+    (`prefpipe.core.background.prefetch`)."""
+    return score_decoded(scorers, decode_rows(images, prompts, keep=keep, keep_reason=keep_reason, sizes=sizes))

@@ -62,10 +62,11 @@ def score_candidates(
     from tqdm.auto import tqdm
 
     from labelers.registry import scorer_class
+    from prefpipe.core.background import prefetch
     from prefpipe.core.files import atomic_output
     from prefpipe.core.identity import input_fingerprint
     from prefpipe.core.tables import count_rows, iter_batches
-    from prefpipe.stages.scoring import load_scorers, score_rows
+    from prefpipe.stages.scoring import decode_rows, load_scorers, score_decoded
 
     keys = {
         (m, s): input_fingerprint(folder) + "/" + json.dumps([s, _weights_identity(weights.get(s))])
@@ -87,11 +88,15 @@ def score_candidates(
             continue
         for s in need:
             versions[(model, s)] = str(getattr(built[s], "version", ""))
-        for batch in iter_batches(folders[model], columns=["prompt_id", "prompt", "candidate", "seed", "image", "width",
-                                                           "height"], batch_size=batch_size):
+        def decoded(batch):  # in a background thread, one batch ahead of the scorers
             rows = batch.to_pylist()
-            scored = score_rows([built[s] for s in need], [[r["image"] for r in rows]], [r["prompt"] for r in rows],
-                                sizes=[(r["width"], r["height"]) for r in rows])
+            return rows, decode_rows([[r["image"] for r in rows]], [r["prompt"] for r in rows],
+                                     sizes=[(r["width"], r["height"]) for r in rows])
+
+        batches = iter_batches(folders[model], columns=["prompt_id", "prompt", "candidate", "seed", "image", "width",
+                                                        "height"], batch_size=batch_size)
+        for rows, ready in prefetch(batches, decoded):
+            scored = score_decoded([built[s] for s in need], ready)
             for i, reason, why in scored.bad:  # a bad image, a wrong size, a non-finite score: counted, keyed, skipped
                 counters[{"nonfinite_score": "nonfinite_scores", "size_mismatch": "size_mismatch"}.get(reason, "bad_images")] += 1
                 r = rows[i]
