@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +64,20 @@ def parti_prompts() -> Path:
     if not PARTI.exists():
         pytest.fail(f"{PARTI} is missing: the tests read the shared PartiPrompts data from ../shared/data")
     return PARTI
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium (the report pages open in it; playwright drives it for `prefpipe annotate`), installed
+    once when missing; a failed install fails the tests, with the reason."""
+    exe = shutil.which("chromium")
+    if exe is None:
+        proc = subprocess.run(
+            ["bash", "-c", "apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium"],
+            capture_output=True, text=True, timeout=1200,
+        )
+        exe = shutil.which("chromium")
+        if exe is None:
+            pytest.fail(f"chromium is missing and `apt-get install -y chromium` failed (exit {proc.returncode}):\n"
+                        f"{(proc.stderr or proc.stdout)[-3000:]}")
+    return exe

@@ -2,7 +2,6 @@
 and the sort buttons reorder the gallery. Screenshots are saved under test-artifacts/."""
 
 import re
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -11,7 +10,7 @@ import pytest
 
 import prefpipe.stages.eval as ev
 from prefpipe.stages.eval.show import write_gallery
-from tests.conftest import ARTIFACTS
+from tests.conftest import ARTIFACTS  # and the `chromium` fixture
 from tests.test_eval import PROMPTS, make_lora_run, write_pairs
 from tests.test_show import pair_rows
 
@@ -41,22 +40,6 @@ window.addEventListener('load', () => {
 });
 </script>
 """
-
-
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    """Debian's chromium, installed once when missing; a failed install fails the tests, with the reason."""
-    exe = shutil.which("chromium")
-    if exe is None:
-        proc = subprocess.run(
-            ["bash", "-c", "apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium"],
-            capture_output=True, text=True, timeout=1200,
-        )
-        exe = shutil.which("chromium")
-        if exe is None:
-            pytest.fail(f"chromium is missing and `apt-get install -y chromium` failed (exit {proc.returncode}):\n"
-                        f"{(proc.stderr or proc.stdout)[-3000:]}")
-    return exe
 
 
 def run_chromium(exe: str, page: Path, *args: str) -> subprocess.CompletedProcess:

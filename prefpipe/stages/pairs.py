@@ -147,10 +147,10 @@ def build_pairs(scores: pl.DataFrame, opts: PairOptions, counts: PairCounts | No
             continue
         per_scorer = np.stack([group[s].to_numpy().astype(float) for s in used])  # (S, n)
         utility = per_scorer[0] if not opts.ensemble else np.mean([_ranks(v) for v in per_scorer], axis=0)
-        for i, j in _choose(pid, utility, opts):
-            margin = abs(utility[i] - utility[j])
+        for a, b in choose_pairs(pid, cands, utility, opts):  # a: position 0, b: position 1
+            margin = abs(utility[a] - utility[b])
             if opts.ensemble == "unanimous":
-                signs = np.sign(per_scorer[:, i] - per_scorer[:, j])
+                signs = np.sign(per_scorer[:, a] - per_scorer[:, b])
                 tie = not (np.all(signs > 0) or np.all(signs < 0)) or margin < opts.min_margin
             else:
                 tie = margin == 0 or margin < opts.min_margin
@@ -158,9 +158,7 @@ def build_pairs(scores: pl.DataFrame, opts: PairOptions, counts: PairCounts | No
                 counts.ties_dropped += 1
                 continue
             counts.ties_kept += int(tie)
-            # position 0 drawn per pair; label_0 says whether the candidate there won
-            a, b = (i, j) if _hash_unit(opts.seed, pid, cands[i], cands[j], "side") < 0.5 else (j, i)
-            label_0 = 0.5 if tie else float(utility[a] > utility[b])
+            label_0 = 0.5 if tie else float(utility[a] > utility[b])  # whether the candidate in position 0 won
             rows.append((pid, int(cands[a]), int(cands[b]), float(utility[a]), float(utility[b]), float(margin),
                          label_0, 1.0 - label_0, label))
     counts.pairs += len(rows)
@@ -174,8 +172,17 @@ def _out_schema() -> dict:
     }
 
 
+def choose_pairs(pid: str, cands: np.ndarray, utility: np.ndarray, opts: PairOptions) -> list[tuple[int, int]]:
+    """Which candidates of prompt `pid` to compare, per `opts.strategy`, as index pairs (a, b) into `cands`
+    (its candidate numbers) and `utility`, `a` in position 0. Position 0 is drawn per pair (deterministic in
+    seed, prompt and candidates), so `label_0` carries the preference. `all` and `random-k` never read the
+    utilities (`prefpipe annotate` draws pairs for people from unscored candidates with them)."""
+    return [(i, j) if _hash_unit(opts.seed, pid, cands[i], cands[j], "side") < 0.5 else (j, i)
+            for i, j in _choose(pid, utility, opts)]
+
+
 def _choose(pid: str, utility: np.ndarray, opts: PairOptions) -> list[tuple[int, int]]:
-    """Index pairs (i, j) within one prompt, per strategy."""
+    """Index pairs (i, j), i < j, within one prompt, per strategy."""
     n = len(utility)
     if opts.strategy == "best-worst":
         # stable: the first best and the last worst by candidate order, so equal utilities give a tie pair
