@@ -9,12 +9,15 @@ A recipe (`trainer/recipes/`) reads top to bottom with these:
     start_run_folder(run, resolved, step)     train_config.json, metrics.jsonl cut back to the checkpoint
     ... run_steps (trainer/steps.py) ...
     exported = finish_run(run, unet, family)  the LoRA file or RUN/unet, curves.png
-    run_summary(...)                          the summary dict and its closing line
+    run_summary(...)                          the summary dict, its closing line and RUN/README.md (model card)
 
 Run folder: `train_config.json` (options + derived numbers), `metrics.jsonl` (one line per logged step),
 `checkpoint-STEP/` (safetensors and JSON only, `trainer/checkpoints.py`: weights (LoRA runs: the adapters in
 the export format), optimizer, schedule, RNG; `trainer_state.json`, written last, marks it complete; a
-checkpoint holding any other file is refused before anything is read), the exported weights and `curves.png`.
+checkpoint holding any other file is refused before anything is read), the exported weights, `curves.png` and
+`README.md`, the model card (`trainer/export.py`; `prefpipe eval` adds its results and samples to it), so the
+folder uploads to the hub as it is. `--report-to` also sends the metrics to TensorBoard (`RUN/logs`) and/or
+Weights & Biases (`RUN/logs/wandb`) through accelerate's trackers; `metrics.jsonl` is the source of truth.
 
 Sharding (`--full` only): when the launcher asks for FSDP (`accelerate launch --use_fsdp --fsdp_version 2`, or
 an `accelerate config` with FSDP version 2), the Accelerator picks the plugin up from the environment and
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +55,7 @@ class Run:
     cfg: TrainConfig
     out: Path
     accelerator: Any
-    trackers: str | None
+    trackers: list[str]  # --report-to's accelerate trackers (none: [])
     checkpoint: Path | None
     trainables: Trainables | None = None  # set by trainer.steps.make_optimizer: what checkpoints save and load
 
@@ -83,14 +87,15 @@ class Run:
 
 
 def open_run(cfg: TrainConfig) -> Run:
-    """The accelerator, and the checkpoint to resume; refuses a folder holding another run (every process
-    checks, so all stop together on a bad --out/--resume)."""
+    """The accelerator, the checkpoint to resume, the --report-to trackers; refuses a folder holding another run
+    (every process checks, so all stop together on a bad --out/--resume)."""
     out = Path(cfg.out)
     accelerator, trackers = make_accelerator(cfg, out)
     run = Run(cfg, out, accelerator, trackers, None)
     check_sharding(cfg, accelerator, run.echo)
     run.checkpoint = find_checkpoint(cfg, out, run.echo)
     check_run_folder(cfg, out, run.checkpoint)
+    init_trackers(run)  # before any model is read: a tracker that cannot start stops the run at once
     return run
 
 
@@ -102,19 +107,58 @@ def weight_dtype(cfg: TrainConfig):
 
 
 def make_accelerator(cfg: TrainConfig, out: Path):
-    """The accelerator of a run (CPU processes when there is no GPU), and the tracker in use (or None)."""
+    """The accelerator of a run (CPU processes when there is no GPU), and the trackers in use (--report-to)."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    trackers = "tensorboard" if any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")) else None
+    trackers = report_trackers(cfg.report_to)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # CPU processes under a launcher form one job only when asked
         mixed_precision=cfg.mixed_precision,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-        log_with=trackers,
+        log_with=trackers or None,
     )
     return accelerator, trackers
+
+
+# --report-to -> accelerate's trackers, and the packages each needs (either one of a tuple)
+REPORT_TO = {"none": [], "tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+
+
+def report_trackers(report_to: str) -> list[str]:
+    """The accelerate trackers `--report-to` names, each checked to be installed (else one message naming the
+    option and the package to install)."""
+    if report_to not in REPORT_TO:
+        raise PrefpipeError(f"--report-to {report_to!r}: choose one of {', '.join(REPORT_TO)}")
+    for tracker in REPORT_TO[report_to]:
+        if not any(importlib.util.find_spec(m) for m in TRACKER_PACKAGES[tracker]):
+            raise PrefpipeError(f"--report-to {report_to}: the {tracker} package is not installed "
+                                f"(pip install 'prefpipe[tracking]', or pip install {tracker})")
+    return list(REPORT_TO[report_to])
+
+
+def init_trackers(run: Run) -> None:
+    """Start --report-to's trackers (main process): the run's options as their config; TensorBoard's events in
+    RUN/logs/prefpipe-train, W&B's files in RUN/logs/wandb (its own WANDB_MODE decides online or offline)."""
+    if not run.trackers:
+        return
+    logs = run.out / "logs"
+    init_kwargs = {}
+    if "wandb" in run.trackers:
+        if run.main:
+            logs.mkdir(parents=True, exist_ok=True)
+        init_kwargs["wandb"] = {"dir": str(logs), "name": run.out.name}
+        os.environ.setdefault("WANDB_SILENT", "true")  # its banner and sync hints would fill the log
+    try:
+        run.accelerator.init_trackers("prefpipe-train", config={k: str(v) for k, v in run.cfg.to_json().items()},
+                                      init_kwargs=init_kwargs)
+    except Exception as e:  # wandb without a login raises its own UsageError / CommError
+        if "wandb" not in run.trackers or not type(e).__module__.startswith("wandb"):
+            raise
+        raise PrefpipeError(f"--report-to {run.cfg.report_to}: Weights & Biases could not start ({e}); log in with "
+                            "`wandb login`, or set WANDB_MODE=offline to keep the run in RUN/logs/wandb") from None
 
 
 def sharding(accelerator) -> str | None:
@@ -272,13 +316,11 @@ def resume(run: Run) -> dict[str, int]:
 
 
 def start_run_folder(run: Run, resolved: dict, start_step: int) -> None:
-    """train_config.json (options + the numbers derived from them), metrics cut back to the checkpoint, trackers."""
+    """train_config.json (options + the numbers derived from them), metrics cut back to the checkpoint."""
     if run.main:
         run.out.mkdir(parents=True, exist_ok=True)
         write_atomic(run.out / "train_config.json", json.dumps({**run.cfg.to_json(), "resolved": resolved}, indent=2))
         truncate_metrics(run.out / "metrics.jsonl", start_step)
-    if run.trackers:
-        run.accelerator.init_trackers("prefpipe-train", config={k: str(v) for k, v in run.cfg.to_json().items()})
 
 
 def finish_run(run: Run, unet, family: str) -> Path | None:
@@ -319,12 +361,29 @@ def run_summary(run: Run, max_steps: int, start_step: int, wall: float, last: di
         "last": last, "data": data_counts, "nonfinite_skipped": state["nonfinite_total"], "exported": str(exported),
         "rank": run.rank, "world": run.world,
     }
+    if run.main:
+        write_training_card(run, summary)
     shown = ", ".join(f"{label} {last.get(key, float('nan')):{fmt}}" for key, label, fmt in metrics) + "; " if last else ""
     run.echo(
         f"train: {steps_run} steps in {wall:.1f} s ({summary['steps_per_s']:.2f} steps/s); {shown}"
         f"{state['nonfinite_total']} non-finite steps skipped; wrote {exported}"
     )
     return summary
+
+
+def write_training_card(run: Run, summary: dict[str, Any]) -> Path:
+    """RUN/README.md, the run's model card (`trainer/export.py`), from its options, train_config.json's derived
+    numbers and the summary. A card written afresh has no eval: the samples of an eval of older weights go."""
+    from trainer import export
+
+    cfg = run.cfg
+    resolved = json.loads((run.out / "train_config.json").read_text()).get("resolved", {})
+    paths = [Path(cfg.workdir) / "pairs" / s for s in cfg.source] + [Path(p) for p in cfg.pairs]
+    facts = export.model_card_facts(cfg, summary, resolved, paths)
+    facts["data"]["sources"] += [{"path": f, "stage": "d3po labels (JSON)", "source": "human", "scorer": "none",
+                                  "rows": "-", "digest": "-"} for f in cfg.labels]
+    shutil.rmtree(run.out / export.SAMPLES, ignore_errors=True)
+    return export.write_model_card(run.out, facts)
 
 
 def check_resumed_data(run: Run, digest: str) -> None:

@@ -84,13 +84,13 @@ def run_steps(run: Run, unet, params, optimizer, lr_scheduler, state: dict, max_
     """
     import numpy as np
     import torch
-    from tqdm.auto import tqdm
+
+    from prefpipe.core.progress import progress
 
     cfg, out, accelerator = run.cfg, run.out, run.accelerator
     main, device, sharded = accelerator.is_main_process, accelerator.device, run.sharded
     start_step, nonfinite_total, nonfinite_run = state["step"], state["nonfinite_total"], state["nonfinite_run"]
-    bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step",
-               disable=not main or cfg.no_progress, dynamic_ncols=True)
+    bar = progress(total=max_steps, initial=start_step, desc="train", unit="step", enabled=main and not cfg.no_progress)
     window: list[dict[str, float]] = []
     last: dict[str, float] = {}
     epoch = 0

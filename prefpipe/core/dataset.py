@@ -14,6 +14,9 @@ A stage's output is a folder of shards plus `_prefpipe.json`:
 - Re-running into a folder made with other options or another input is refused: no silent mixing.
 - Shard names follow the hub convention, so `datasets.load_dataset(folder)` reads a `train` split
   (it ignores `_prefpipe.json` and the hidden temporary files).
+- A complete folder has a dataset card, `README.md` (`prefpipe.core.datacard`): written when its last unit is,
+  and again when the stage records a summary, so every stage gets one; `load_dataset(folder)` reads its
+  `configs` and `dataset_info`.
 
 Beside it: `prefpipe.core.tables` reads dataset folders (their Parquet files and manifest),
 `prefpipe.core.identity` names a dataset by its content, and `prefpipe.core.files` writes any file whole.
@@ -34,6 +37,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from prefpipe.core.datacard import CARD, write_dataset_card
 from prefpipe.core.errors import PrefpipeError
 from prefpipe.core.files import TEMP_TAG, fsync_dir, sha256_file, write_atomic
 from prefpipe.core.identity import input_fingerprint
@@ -147,6 +151,8 @@ class ShardedDataset:
             self._check_same_job(m)
             if not m.get("complete") and all(self.is_done(u) for u in range(self.n_units)):
                 self._mark_complete()  # a run killed after its last rename, before it said so
+            elif m.get("complete") and not (self.folder / CARD).exists():
+                self.write_card()  # a folder finished before cards were written
         elif self.folder.exists() and any(self.folder.glob("*.parquet")):
             raise PrefpipeError(
                 f"--out {self.folder} already holds Parquet files that prefpipe did not write "
@@ -295,6 +301,11 @@ class ShardedDataset:
             m["complete"] = all(self.is_done(u) for u in range(self.n_units))
             if m["complete"]:
                 m["digest"] = input_fingerprint(self.folder)
+        self.write_card()
+
+    def write_card(self) -> None:
+        """(Re)write the folder's dataset card, `README.md`, from the manifest, the schema and the counters."""
+        write_dataset_card(self.folder, self.manifest(), self.schema, self.stats())
 
     def stats(self) -> dict[str, int]:
         """Counters summed over finished units (rows written, and each stage's own counters): units whose
@@ -314,6 +325,9 @@ class ShardedDataset:
             if not m:
                 self._init_manifest(m)
             m.update(fields)
+            complete = bool(m.get("complete"))
+        if complete:
+            self.write_card()  # the card shows what the stage recorded
 
 
 class UnitWriter:

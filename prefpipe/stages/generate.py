@@ -214,14 +214,15 @@ def generate(
     scheduler_name = type(pipe.scheduler).__name__
 
     import torch
-    from tqdm.auto import tqdm
+
+    from prefpipe.core.progress import progress as progress_of
 
     total_images = sum(
         len(ps.prompts[u * opts.prompts_per_shard : (u + 1) * opts.prompts_per_shard]) for u in todo
     ) * opts.per_prompt
-    bar = tqdm(
+    bar = progress_of(
         total=total_images, unit="img", desc=f"generate[{rank}/{world}]" if world > 1 else "generate",
-        disable=not progress, position=rank if world > 1 else None, dynamic_ncols=True,
+        enabled=progress, position=rank if world > 1 else None,
     )
     t_start = time.perf_counter()
     t_pipe = 0.0

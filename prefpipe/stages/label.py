@@ -28,6 +28,7 @@ from prefpipe.core.errors import PrefpipeError
 from prefpipe.core.files import write_atomic
 from prefpipe.core.identity import fingerprint, input_fingerprint
 from prefpipe.core.options import finite_float
+from prefpipe.core.progress import progress
 from prefpipe.core.prompts import prompt_id
 from prefpipe.core.schema import PAIRS, SCORES, check_columns, conform
 from prefpipe.core.stats import best_tie_threshold, stable_halves, tie_aware_points, wilson_interval
@@ -44,9 +45,7 @@ SCORE_DROPS = {"bad_image": "bad_images", "size_mismatch": "size_mismatch", "non
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="img", desc=desc, disable=not enabled, dynamic_ncols=True)
+    return progress(total=total, unit="img", desc=desc, enabled=enabled)
 
 
 # -- scores -----------------------------------------------------------------------------------------
@@ -261,43 +260,57 @@ def relabel_pairs(
 
 
 def agreement_report(relabel: str | Path, scorer_names: list[str]) -> dict:
-    """Per scorer: accuracy against the human label on non-tie pairs (95% Wilson interval), and the
-    PickScore paper's tie-aware accuracy (tie threshold chosen on split A, reported on split B; the
-    split is the first bit of the SHA-256 of the pair's key, image_0_uid + image_1_uid + caption).
+    """Per scorer, :func:`scorer_agreement` of the relabelled pairs' human labels and score differences.
 
     The table is read a batch at a time; only each pair's label, half and score differences are kept."""
-    key = pl.col("image_0_uid").fill_null("") + pl.col("image_1_uid").fill_null("") + pl.col("caption").fill_null("")
     columns = ["image_0_uid", "image_1_uid", "caption", "label_0"] + [f"{n}_score_{i}" for n in scorer_names for i in (0, 1)]
     parts: dict[str, list[np.ndarray]] = {"split": [], "label_0": [], **{n: [] for n in scorer_names}}
     for f in parquet_files(relabel):
         for batch in parquet_file(f).iter_batches(batch_size=65_536, columns=columns):
             df = pl.from_arrow(batch)
-            parts["split"].append(stable_halves(df.select(key).to_series().to_list()))
+            parts["split"].append(pair_halves(df["image_0_uid"].to_list(), df["image_1_uid"].to_list(),
+                                              df["caption"].to_list()))
             parts["label_0"].append(df["label_0"].to_numpy().astype(float))
             for name in scorer_names:
                 parts[name].append((df[f"{name}_score_0"] - df[f"{name}_score_1"]).to_numpy().astype(float))
     cat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
-    human, split = cat["label_0"], cat["split"]
+    human = cat["label_0"]
     report = {"pairs": len(human), "human_ties": int((human == 0.5).sum()), "scorers": {}}
     for name in scorer_names:
-        diff = cat[name]
-        decided = human != 0.5
-        correct = float(np.sum(np.where(diff[decided] == 0, 0.5, (diff[decided] > 0) == (human[decided] > 0.5))))
-        n = int(decided.sum())
-        lo, hi = wilson_interval(correct, n)
-        a, b = split == 0, split == 1
-        threshold = best_tie_threshold(human[a], diff[a]) if a.any() else 0.0
-        tie_acc = float(tie_aware_points(human[b], diff[b], threshold).mean()) if b.any() else float("nan")
-        report["scorers"][name] = {
-            "accuracy_non_tie": correct / n if n else float("nan"),
-            "accuracy_ci95": [lo, hi],
-            "non_tie_pairs": n,
-            "tie_aware_accuracy": tie_acc,
-            "tie_threshold": threshold,
-            "tie_threshold_split_pairs": int(a.sum()),
-            "tie_aware_split_pairs": int(b.sum()),
-        }
+        report["scorers"][name] = scorer_agreement(human, cat[name], cat["split"])
     return report
+
+
+def pair_halves(image_0_uids: list[str | None], image_1_uids: list[str | None], captions: list[str | None]) -> np.ndarray:
+    """The half (0 or 1) of each pair in the agreement statistics: :func:`stable_halves` of its key,
+    image_0_uid + image_1_uid + caption (missing parts as empty text)."""
+    return stable_halves((a or "") + (b or "") + (c or "") for a, b, c in zip(image_0_uids, image_1_uids, captions))
+
+
+def scorer_agreement(human: np.ndarray, diff: np.ndarray, split: np.ndarray) -> dict:
+    """How well a scorer agrees with people: the relabel report's statistics, one dict.
+
+    human: label_0 per judgment (1 / 0 / 0.5 tie); diff: the scorer's score_0 - score_1 on that pair; split:
+    its half (:func:`pair_halves`). Accuracy against the human label on non-tie judgments (95% Wilson
+    interval; equal scores count half), and the PickScore paper's tie-aware accuracy (tie threshold chosen on
+    half 0, reported on half 1)."""
+    human, diff, split = np.asarray(human, float), np.asarray(diff, float), np.asarray(split)
+    decided = human != 0.5
+    correct = float(np.sum(np.where(diff[decided] == 0, 0.5, (diff[decided] > 0) == (human[decided] > 0.5))))
+    n = int(decided.sum())
+    lo, hi = wilson_interval(correct, n)
+    a, b = split == 0, split == 1
+    threshold = best_tie_threshold(human[a], diff[a]) if a.any() else 0.0
+    tie_acc = float(tie_aware_points(human[b], diff[b], threshold).mean()) if b.any() else float("nan")
+    return {
+        "accuracy_non_tie": correct / n if n else float("nan"),
+        "accuracy_ci95": [lo, hi],
+        "non_tie_pairs": n,
+        "tie_aware_accuracy": tie_acc,
+        "tie_threshold": threshold,
+        "tie_threshold_split_pairs": int(a.sum()),
+        "tie_aware_split_pairs": int(b.sum()),
+    }
 
 
 # -- CLI --------------------------------------------------------------------------------------------

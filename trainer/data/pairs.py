@@ -224,7 +224,7 @@ def prepare_data(*, units: list[Unit], cache_root: Path | None, cache_parts: dic
     latent scaling, the unconditional embedding and the family.
     `stats`: units encoded / reused by this process, and the drop counters.
     """
-    from tqdm.auto import tqdm
+    from prefpipe.core.progress import progress as progress_of
 
     reset_bad_row_log()
     stats: dict[str, Any] = {"units": len(units), "encoders_loaded": encoders is not None}
@@ -243,7 +243,7 @@ def prepare_data(*, units: list[Unit], cache_root: Path | None, cache_parts: dic
         stats.update(units_encoded=len(todo), units_reused=len(mine) - len(todo), cache=str(cache.folder))
         if rank == 0 and encoders is not None:
             cache.write_description(latent_spec, empty, family)
-        bar = tqdm(todo, desc="encode pairs", unit="unit", disable=not progress or not todo, dynamic_ncols=True)
+        bar = progress_of(todo, desc="encode pairs", unit="unit", enabled=progress and bool(todo))
         for u in bar:
             tensors, scan = encode_unit(read_unit(units[u]), units[u], encoders, resolution, random_crop=random_crop,
                                         seed=seed, orientations=orientations, chunk=max(64, encoders.batch_size))
@@ -258,7 +258,7 @@ def prepare_data(*, units: list[Unit], cache_root: Path | None, cache_parts: dic
         cache = None
         stats.update(units_encoded=0, units_reused=0, cache=None)
         scans = []
-        for u in tqdm(range(len(units)), desc="scan pairs", unit="unit", disable=not progress, dynamic_ncols=True):
+        for u in progress_of(range(len(units)), desc="scan pairs", unit="unit", enabled=progress):
             scans.append(scan_unit(read_unit(units[u]), units[u], keep_images=False).compact())
     index = build_index(scans, keep_ties)
     stats.update(index.counts)

@@ -5,6 +5,7 @@
         ─▶ score every image with every --scorer (each image decoded once) ─▶ DIR/scores.parquet   scores.py
         ─▶ compare tuned with base image by image (win rate, means, medians, selection)          compare.py
         ─▶ report.json, report.md, report.html, plots/*.png                                       report.py
+        ─▶ each tuned run's model card (RUN/README.md): its results and a few of its images       report.py
 
 This module holds the options (`EvalOptions`: generate's `SamplingOptions` and eval's own), the
 orchestration (`run_eval`) and the `prefpipe eval` command; `show.py` is `prefpipe show` (the pairs
@@ -173,7 +174,10 @@ def run_eval(
     reporting.write_html(report, scores, folders, prompts["ids"], prompts["texts"], out / "report.html",
                          max_prompts=gallery_prompts, thumb=thumb)
     write_atomic(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
+    cards = reporting.update_run_cards(report, runs, folders, prompts["ids"], out)
     click.echo(reporting.text_table(report), err=True)
+    if cards:
+        click.echo(f"eval: results and samples added to the model cards {', '.join(map(str, cards))}", err=True)
     click.echo(f"{line}  ({time.perf_counter() - t0:.1f}s; report: {out / 'report.html'})", err=True)
     return report
 

@@ -317,3 +317,44 @@ def write_html(report: dict, scores, folders: dict, ids: list[str], texts: list[
                   header=STAT_HEADER, sections=sections, plots=plots,
                   gallery=_gallery(report, scores, folders, ids, texts, max_prompts, thumb))
     write_atomic(path, page)
+
+
+# -- the runs' model cards ------------------------------------------------------------------------
+CARD_SAMPLES = 4  # images of each tuned run shown in its model card
+
+
+def card_samples(folder: Path, ids: list[str], n: int = CARD_SAMPLES) -> list[tuple[str, bytes]]:
+    """(prompt, image bytes) of candidate 0 of the first `n` evaluated prompts in `folder` (a candidates dataset)."""
+    from prefpipe.core.tables import iter_batches
+
+    wanted = {pid: k for k, pid in enumerate(ids[:n])}
+    found: dict[str, tuple[str, bytes]] = {}
+    for batch in iter_batches(folder, columns=["prompt_id", "prompt", "candidate", "image"], batch_size=64):
+        for row in batch.to_pylist():
+            if row["candidate"] == 0 and row["prompt_id"] in wanted:
+                found[row["prompt_id"]] = (row["prompt"], row["image"])
+        if len(found) == len(wanted):
+            break
+    return [found[pid] for pid in sorted(found, key=wanted.__getitem__)]
+
+
+def update_run_cards(report: dict, runs: list, folders: dict, ids: list[str], out: Path) -> list[Path]:
+    """Add each tuned run's results (its headline, win rates per scorer) and a few of its images to the model card
+    of its run folder (`trainer.export.update_model_card`); folders without a prefpipe card are left alone."""
+    from prefpipe.stages.eval.compare import headline
+    from trainer.export import update_model_card
+
+    scorers = [s["name"] for s in report["scorers"]]
+    written = []
+    for run in runs:
+        results = [r for r in report["results"] if r["tuned"] == run.name]
+        evaluation = {
+            "headline": headline(results, scorers), "report": str(out / "report.json"), "created": report["created"],
+            "prompts": report["prompts"]["count"], "per_prompt": report["generation"]["per_prompt"],
+            "results": [{k: r[k] for k in ("scorer", "win_rate", "win_rate_ci", "n", "base_mean", "tuned_mean")}
+                        for r in results],
+        }
+        path = update_model_card(run.path, evaluation, card_samples(folders[run.name], ids))
+        if path is not None:
+            written.append(path)
+    return written

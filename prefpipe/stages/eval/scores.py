@@ -59,12 +59,12 @@ def score_candidates(
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from tqdm.auto import tqdm
 
     from labelers.registry import scorer_class
     from prefpipe.core.background import prefetch
     from prefpipe.core.files import atomic_output
     from prefpipe.core.identity import input_fingerprint
+    from prefpipe.core.progress import progress as progress_of
     from prefpipe.core.tables import count_rows, iter_batches
     from prefpipe.stages.scoring import decode_rows, load_scorers, score_decoded
 
@@ -80,7 +80,7 @@ def score_candidates(
         built = dict(zip(needed, load_scorers(needed, weights, batch_size=batch_size, device=device, dtype=dtype)))
     counters = {"images_scored": 0, "bad_images": 0, "nonfinite_scores": 0, "size_mismatch": 0, "images_converted": 0}
     total = sum(count_rows(folders[m]) for m, need in todo.items() if need)
-    bar = tqdm(total=total, unit="img", desc="score", disable=not progress or total == 0, dynamic_ncols=True)
+    bar = progress_of(total=total, unit="img", desc="score", enabled=progress and total > 0)
     columns: dict[str, list] = {k: [] for k in COLUMNS}
     versions: dict[tuple[str, str], str] = {}
     for model, need in todo.items():

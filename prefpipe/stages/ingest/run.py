@@ -78,7 +78,7 @@ class UnitContext:
     checker: ImageChecker
     bad: BadRows
     batch_size: int
-    bar: Any  # a tqdm progress bar, advanced by the unit in its own items (or None)
+    bar: Any  # a progress display (prefpipe.core.progress), advanced by the unit in its own items (or None)
 
 
 @dataclass
@@ -119,10 +119,10 @@ def run_units(job: Job, out: str | Path, opts: IngestOptions, *, batch_size: int
     counters: dict[str, Any] = {"units_written": 0, "units_skipped": len(mine) - len(todo)}
     t0 = time.perf_counter()
     if todo:
-        from tqdm.auto import tqdm
+        from prefpipe.core.progress import progress as progress_of
 
         work, total = job.units(todo)
-        bar = tqdm(total=total, unit=job.item, dynamic_ncols=True, disable=not progress,
+        bar = progress_of(total=total, unit=job.item, enabled=progress,
                    desc=f"ingest[{rank}/{world}]" if world > 1 else "ingest")
         checker = ImageChecker(opts.verify_images, opts.max_side, opts.jpeg_quality)
         bad = BadRows()
