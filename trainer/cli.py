@@ -21,6 +21,8 @@ def train(**options) -> None:
     D3PO: --objective d3po --candidates TRAJECTORIES with --source/--pairs or --labels (D3PO's JSON files).
     Writes RUN/pytorch_lora_weights.safetensors (or RUN/unet with --full), checkpoints, metrics.jsonl,
     curves.png and train_config.json. Several processes: accelerate launch -m prefpipe train ...
+    --plan: the step's planned peak accelerator memory and FLOPs, from the model's configs only (no weights,
+    no data, no GPU); --max-memory 12GiB picks settings that fit (with --plan, 12GiB,24GiB,... prints a table).
     """
     from accelerate import PartialState
 

@@ -32,7 +32,9 @@ if TYPE_CHECKING:
     from trainer.losses import Objective
 
 # Settings that may change between a run and its --resume without changing what is computed per step.
-RESUMABLE_CHANGES = ("max_steps", "epochs", "resume", "checkpoint_every", "checkpoints_keep", "no_progress", "log_every")
+RESUMABLE_CHANGES = ("max_steps", "epochs", "resume", "checkpoint_every", "checkpoints_keep", "no_progress", "log_every",
+                     "plan", "max_memory")
+RESUMABLE_CHANGES += ("report_to",)  # where metrics are also sent changes nothing a step computes
 
 
 @dataclass
@@ -41,7 +43,8 @@ class TrainConfig:
 
     # -- what to train on and where to write -----------------------------------------------------------
     model: str = option(None, "Base diffusers pipeline: hub id (stabilityai/stable-diffusion-xl-base-1.0) or local folder.", required=True)
-    out: str = option(None, "Run folder: checkpoints, metrics.jsonl, curves.png, train_config.json and the exported weights.", required=True)
+    out: str | None = option(None, "Run folder: checkpoints, metrics.jsonl, curves.png, train_config.json and the exported "
+                             "weights (required unless --plan).")
     source: tuple[Literal["ai", "human"], ...] = option(
         (), "Our pairs datasets: ai = WORKDIR/pairs/ai, human = WORKDIR/pairs/human (repeatable, mixes with --pairs)."
     )
@@ -127,6 +130,16 @@ class TrainConfig:
     epochs: int = option(1, "Passes over the pairs when --max-steps is not given.", min=1)
     seed: int = option(0, "Seed of the data order, noise, timesteps, crops, flips and caption dropout (one stream per process).")
 
+    # -- memory plan (trainer/plan/) ------------------------------------------------------------------
+    plan: bool = option(
+        False, "Print the planned peak accelerator memory (weights, gradients, optimizer states, activations) and FLOPs "
+        "of one step, then stop: no weights read, no data, no GPU (needs only the model's config files)."
+    )
+    max_memory: str | None = option(
+        None, "Accelerator memory budget, e.g. 12GiB: pick the micro-batch (with accumulation), gradient checkpointing "
+        "and optimizer that fit, or say why nothing does. With --plan, a comma list (12GiB,24GiB) prints a table."
+    )
+
     # -- run control -------------------------------------------------------------------------------------
     checkpoint_every: int = option(500, "Save a resumable checkpoint (RUN/checkpoint-STEP) every N steps (0: only at the end).", min=0)
     checkpoints_keep: int | None = option(None, "Keep only the newest N checkpoints.", min=1)
@@ -134,6 +147,11 @@ class TrainConfig:
     max_nonfinite: int = option(5, "Stop after this many consecutive steps with a non-finite loss (each is skipped).", min=1)
     log_every: int = option(1, "Write metrics every N steps.", min=1)
     no_progress: bool = option(False, "No progress bar.")
+    report_to: Literal["none", "tensorboard", "wandb", "all"] = option(
+        "none", "Also send the metrics to experiment trackers through accelerate: tensorboard (RUN/logs), wandb "
+        "(Weights & Biases; files in RUN/logs/wandb, WANDB_MODE=offline for no network) or all; metrics.jsonl is "
+        "always written."
+    )
 
     # -- derived ----------------------------------------------------------------------------------------
     def pairs_paths(self) -> list[Path]:
@@ -169,6 +187,10 @@ class TrainConfig:
     def validate(self) -> None:
         """Bounds and combinations that no single field can check (raises PrefpipeError)."""
         validate_fields(self)
+        if not self.out and not self.plan:
+            raise PrefpipeError("--out is required (the run folder), unless --plan")
+        if (self.plan or self.max_memory) and self.objective == "d3po":
+            raise PrefpipeError("--plan and --max-memory cover the objectives on pairs (dpo, hinge, ipo, sft), not yet d3po")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise PrefpipeError(f"--lora-alpha {self.lora_alpha}: must be > 0")
         if self.step_fraction <= 0:

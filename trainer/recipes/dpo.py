@@ -58,6 +58,20 @@ def train_dpo(cfg: TrainConfig, objective: Objective, *, on_steps_start: Callabl
     last metrics, data and cache counters. `on_steps_start()` is called before the first step."""
     import torch
 
+    # ---- 0. --plan / --max-memory: one step planned from the model's configs (trainer/plan/) ---------
+    if cfg.plan:
+        from trainer.plan.fit import plan_command
+
+        return plan_command(cfg, objective_step)
+    fitted = None
+    if cfg.max_memory:
+        from trainer.plan.fit import describe_change, fit
+
+        chosen, fitted = fit(cfg, objective_step, log=_log_main)
+        _log_main(f"train: --max-memory {cfg.max_memory}: " + (f"fits with {describe_change(cfg, chosen)}"
+                                                                if describe_change(cfg, chosen) else "fits as configured"))
+        cfg = chosen
+
     # ---- 1. options that need no model ----------------------------------------------------------------
     if cfg.candidates or cfg.labels or cfg.step_fraction != 1.0:
         raise PrefpipeError(
@@ -174,6 +188,14 @@ def train_dpo(cfg: TrainConfig, objective: Objective, *, on_steps_start: Callabl
         + f", {cfg.optimizer}\n"
         f"  memory: {memory_plan(cfg, objective, n_train, n_unet, ref_unet, data, dtype)}"
     )
+    if run.main:  # the planned peak beside it (trainer/plan/: traced when quick, else the static part)
+        from trainer.plan.result import plan_at_start
+
+        resident = [] if not cfg.no_cache else [("vae", vae), *(("text encoders", e) for e in text.encoders)]
+        run.echo("  " + plan_at_start(
+            cfg, objective_step, family=family, resolution=resolution, unet=accelerator.unwrap_model(unet),
+            params=params, ref_unet=ref_unet, encoders=resident, needs_reference=objective.needs_reference,
+            plan=fitted).replace("\n", "\n  "))
 
     # ---- 10. steps: micro-batch m of this process -> the objective's loss ------------------------------
     def micro_batch(m: int):
@@ -241,6 +263,16 @@ def objective_step(accelerator, unet, ref_unet, objective: Objective, hyper: dic
     if not bool((weight == 1).all()):
         inputs["weight"] = weight
     return objective(**inputs)
+
+
+def _log_main(msg: str) -> None:
+    """Print on the first process only (before the accelerator exists)."""
+    import os
+
+    import click
+
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(msg, err=True)
 
 
 def load_vae(vae: str):
