@@ -19,12 +19,17 @@ LAZY_COMMANDS = {
     "label": ("prefpipe.stages.label", "label"),
     "pairs": ("prefpipe.stages.label", "pairs_command"),
     "ingest": ("prefpipe.stages.ingest", "ingest"),
+    "annotate": ("prefpipe.stages.annotate", "annotate"),
     "train": ("trainer.cli", "train"),
     "d3po-rounds": ("prefpipe.stages.rounds", "d3po_rounds"),
     "eval": ("prefpipe.stages.eval", "eval_command"),
     "show": ("prefpipe.stages.eval.show", "show"),
     "demo-model": ("prefpipe.demo.build", "demo_model"),
     "demo-headline": ("prefpipe.demo.headline", "demo_headline"),
+    "demo-clip": ("prefpipe.demo.clip", "demo_clip"),
+    "demo-annotate": ("prefpipe.demo.annotators", "demo_annotate"),
+    "demo-reverse": ("prefpipe.demo.feedback", "demo_reverse"),
+    "demo-feedback-headline": ("prefpipe.demo.feedback", "demo_feedback_headline"),
 }
 
 

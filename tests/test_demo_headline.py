@@ -3,7 +3,7 @@ import json
 import pytest
 
 from prefpipe.core.errors import PrefpipeError
-from prefpipe.demo.headline import headline
+from prefpipe.demo.headline import demo_headline, headline, seeds_table
 
 
 def _report(folder, results):
@@ -65,3 +65,22 @@ def test_headline_picks_the_named_tuned_model_from_a_multi_run_report(tmp_path):
     assert passed and "D3PO on compressibility pairs" in lines[0] and "in 80.0%" in lines[0] and "in 20.0%" in lines[1]
     with pytest.raises(PrefpipeError, match="no tuned model named round-3; the report has round-1, round-2"):
         headline(tmp_path, "compressibility", "incompressibility", "d3po-{run}/eval", "round-3")
+
+
+def test_seeds_table_has_a_row_per_seed_the_spread_and_fails_check_when_a_seed_fails(tmp_path):
+    from click.testing import CliRunner
+
+    for seed, (up, down) in enumerate(((0.93, 0.05), (0.88, 0.12), (0.6, 0.55))):
+        arm = tmp_path / f"demo-seed-{seed}"
+        _report(arm / "eval-compressibility", [_result("compressibility", up, [up - 0.04, up + 0.03], 224, -1.2, -1.1)])
+        _report(arm / "eval-incompressibility", [_result("compressibility", down, [down - 0.03, down + 0.04], 224, -1.2, -1.3)])
+    pattern = str(tmp_path / "demo-seed-{seed}")
+    passed, lines = seeds_table(pattern, [0, 1], "compressibility", "incompressibility")
+    assert passed and len(lines) == 2 + 2 + 2
+    assert lines[2].startswith("| 0 | 93.0% [89.0, 96.0] | 5.0% [2.0, 9.0] | +0.1000 / -0.1000 | shown | met |")
+    assert lines[3].endswith("| shown | missed |")  # 88% < 90%, control 12% > 10%
+    assert lines[4] == "demo seeds: reward arm wins 88.0-93.0% over 2 seeds (mean 90.5%)"
+    result = CliRunner().invoke(demo_headline, ["--workdir", pattern, "--seeds", "0,1,2", "--check"])
+    assert result.exit_code == 1 and "| 2 | 60.0%" in result.output and "NOT shown" in result.output
+    result = CliRunner().invoke(demo_headline, ["--workdir", str(tmp_path), "--seeds", "0"])
+    assert isinstance(result.exception, PrefpipeError) and "{seed}" in str(result.exception)

@@ -136,6 +136,35 @@ def test_a_different_config_retrains(tmp_path):
     assert json.loads((out / RECORD).read_text())["config"] == record["config"]
 
 
+def test_two_cold_builds_in_fresh_processes_give_bit_identical_weights(tmp_path):
+    """The base model's training is reproducible: two builds of one config, each in a fresh process (no
+    state shared), one started on 1 OpenMP thread and one on 2 (the build pins its own), save the same
+    bits in every tensor of every safetensors file, and the same loss curves."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.conftest import run_cli
+
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out, threads in zip(outs, ("1", "2")):
+        run_cli("demo-model", "--quick", "--steps-vae", "12", "--steps-unet", "12", "--out", out, "--no-progress",
+                env={"OMP_NUM_THREADS": threads})
+    files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*.safetensors"))
+    assert {f.parts[0] for f in files} == {"vae", "text_encoder", "unet"}
+    assert files == sorted(p.relative_to(outs[1]) for p in outs[1].rglob("*.safetensors"))
+    compared = 0
+    for f in files:
+        a, b = load_file(outs[0] / f), load_file(outs[1] / f)
+        assert a.keys() == b.keys(), f
+        for name in a:
+            assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), (str(f), name)
+            compared += 1
+    assert compared > 100
+    records = [read_record(out) for out in outs]
+    assert records[0]["losses"] == records[1]["losses"]
+    assert records[0]["versions"]["torch_threads"] == 1 and records[0]["versions"]["deterministic_algorithms"]
+
+
 def test_drawn_dataset_is_deterministic_in_the_seed():
     a, b, c = draw_dataset(64, seed=3), draw_dataset(64, seed=3), draw_dataset(64, seed=4)
     assert a.pixels.shape == (64, 32, 32, 3) and a.pixels.dtype == np.uint8

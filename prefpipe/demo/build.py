@@ -29,6 +29,7 @@ from prefpipe.demo.model import (
     build_vae,
     encode_moments,
     reconstruct,
+    reproducible,
     to_tensor,
     to_uint8,
     tokenize,
@@ -46,7 +47,8 @@ from prefpipe.demo.world import (
 )
 
 # Bump when drawing, training or measuring changes what a config produces: caches of older formats retrain.
-DEMO_FORMAT = 1
+# 2: trained on one thread with deterministic kernels (format 1 used every core: other weights).
+DEMO_FORMAT = 2
 RECORD = "prefpipe_demo.json"
 
 
@@ -156,6 +158,12 @@ def build_demo_model(cfg: DemoConfig, out: str | Path, *, progress: bool = True,
         click.echo(f"demo-model: {out} already holds this config (trained in {record['timings_s']['total']:.0f} s); "
                    "nothing to do", err=True)
         return {**record, "cached": True}
+    with reproducible():  # one thread, deterministic kernels: a config gives the same weights every time
+        record = _train_and_save(cfg, out, progress)
+    return {**record, "cached": False}
+
+
+def _train_and_save(cfg: DemoConfig, out: Path, progress: bool) -> dict:
     from prefpipe.models import quiet_libraries
     from prefpipe.testing.tiny import save_pipeline
 
@@ -213,7 +221,9 @@ def build_demo_model(cfg: DemoConfig, out: str | Path, *, progress: bool = True,
             "metrics": metrics,
             "timings_s": {k: round(v, 2) for k, v in times.items()},
             "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                         "transformers": transformers.__version__, "torch_threads": torch.get_num_threads()},
+                         "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
+                         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+                         "cpu_capability": torch.backends.cpu.get_cpu_capability()},
         }
         (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
     acc = metrics["generation"]["colour_accuracy"]
@@ -225,7 +235,7 @@ def build_demo_model(cfg: DemoConfig, out: str | Path, *, progress: bool = True,
         f"{acc['both']:.0%} (background {acc['background']:.0%}, shape {acc['shape']:.0%}) -> {out}",
         err=True,
     )
-    return {**record, "cached": False}
+    return record
 
 
 @click.command("demo-model")

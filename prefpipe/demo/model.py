@@ -30,6 +30,8 @@ classifier-free guidance work; Min-SNR loss weights and a short EMA help the few
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,6 +94,41 @@ QUICK = DemoConfig(
     unet_channels=(32, 32, 64), steps_unet=40, warmup=5, ema_decay=0.0,
     eval_images_per_prompt=1, eval_steps=4, eval_reconstructions=32,
 )
+
+
+# ------------------------------------------------------------------------------------------------------
+# Reproducibility
+# ------------------------------------------------------------------------------------------------------
+
+# The build's intra-op threads, whatever the machine has. A float sum's order depends on how it is split
+# over threads, so a build on 2 threads and one on 16 learn different weights (every tensor differs, the
+# UNet's last loss in the 5th digit); and with more than one thread, index_put_(accumulate=True) (the
+# backward of `embeds[idx]`, the caption lookup) adds with atomics, so even two builds on one machine
+# differed. One thread: the tiny model's tensors gain little from a second one, and it never stalls a
+# busy machine.
+TRAIN_THREADS = 1
+
+
+@contextmanager
+def reproducible(threads: int = TRAIN_THREADS) -> Iterator[None]:
+    """Run the body on `threads` intra-op threads with `torch.use_deterministic_algorithms(True)` (every op
+    takes its deterministic kernel or raises), then restore both settings.
+
+    With the seeds of the config, two builds of one config with the same library versions (constraints.txt)
+    on CPUs of the same instruction set give bit-identical weights. CPUs of another instruction set compute
+    other bits (AVX2 and AVX-512 vectorise sums differently: `ATEN_CPU_CAPABILITY=avx2` on an AVX-512 machine
+    changes every tensor); the demo's seeds table (README) bounds what such a difference does to its result.
+    """
+    threads_before = torch.get_num_threads()
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    warn_only_before = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic_before, warn_only=warn_only_before)
+        torch.set_num_threads(threads_before)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -187,14 +224,14 @@ def train_vae(vae, pixels: torch.Tensor, cfg: DemoConfig, progress: bool = True,
 
     `callback(step, vae)`, if given, is called after every step (experiments measure with it).
     """
-    from tqdm.auto import tqdm
+    from prefpipe.core.progress import progress as progress_of
 
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr_vae, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, cfg.steps_vae))
     log = _LossLog(cfg.steps_vae)
     vae.train()
-    bar = tqdm(range(cfg.steps_vae), desc="demo-model: VAE", disable=not progress, dynamic_ncols=True)
+    bar = progress_of(range(cfg.steps_vae), desc="demo-model: VAE", unit="step", enabled=progress)
     for step in bar:
         if step < cfg.vae_crop_steps:  # cheap early steps: the VAE is convolutional, crops teach it locally
             n, (oy, ox) = cfg.batch_size * 4, (4 * torch.randint(0, 5, (2,), generator=gen)).tolist()
@@ -302,7 +339,8 @@ def train_unet(unet, text_encoder, latents: tuple[torch.Tensor, torch.Tensor], c
     import copy
 
     from diffusers import DDPMScheduler
-    from tqdm.auto import tqdm
+
+    from prefpipe.core.progress import progress as progress_of
 
     scheduler = DDPMScheduler(**noise_scheduler_config(cfg))
     alphas = scheduler.alphas_cumprod
@@ -329,7 +367,7 @@ def train_unet(unet, text_encoder, latents: tuple[torch.Tensor, torch.Tensor], c
     log = _LossLog(cfg.steps_unet)
     mean, std = latents
     model.train()
-    bar = tqdm(range(cfg.steps_unet), desc="demo-model: UNet", disable=not progress, dynamic_ncols=True)
+    bar = progress_of(range(cfg.steps_unet), desc="demo-model: UNet", unit="step", enabled=progress)
     for step in bar:
         idx = torch.randint(0, len(mean), (cfg.batch_size,), generator=gen)
         z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)

@@ -124,10 +124,16 @@ def tiny_open_clip(config: dict, seed: int):
 
 def _write_open_clip(out: Path, config: dict, seed: int) -> Path:
     """open_clip's hub format: open_clip_config.json + open_clip_model.safetensors."""
+    return save_open_clip(tiny_open_clip(config, seed), config, out)
+
+
+def save_open_clip(model, config: dict, out: str | Path) -> Path:
+    """Save an open_clip model of `config` (its model_cfg) in open_clip's hub format: open_clip_config.json
+    (model_cfg and the OpenAI preprocess_cfg) + open_clip_model.safetensors. Also the demo's trained CLIP."""
     from safetensors.torch import save_file
 
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model = tiny_open_clip(config, seed)
     preprocess = {
         "mean": OPENAI_MEAN,
         "std": OPENAI_STD,
