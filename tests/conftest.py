@@ -19,6 +19,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def run_make(*args: str, timeout: int, **variables: str) -> subprocess.CompletedProcess:
+    """Run `make ARGS VAR=value ...` in the repository as a user would (the Makefile's own chain), outside any
+    make that runs the tests (its MAKEFLAGS would leak into this one)."""
+    cmd = ["make", "--no-print-directory", "-C", str(REPO), *args, *(f"{k}={v}" for k, v in variables.items())]
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
 def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `prefpipe ARGS` as a user would, in a subprocess."""
     proc = subprocess.run(

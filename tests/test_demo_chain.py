@@ -10,12 +10,10 @@ interval above 50%, and the control trained on incompressibility pairs must lose
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import run_make
 
 pytestmark = pytest.mark.slow
 
@@ -29,16 +27,10 @@ REDUCED = {
 }
 
 
-def _make(*args: str, **variables: str) -> subprocess.CompletedProcess:
-    cmd = ["make", "--no-print-directory", "-C", str(REPO), *args, *(f"{k}={v}" for k, v in variables.items())]
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)
-
-
 @pytest.fixture(scope="module")
 def reduced_demo(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
-    proc = _make("demo", WORKDIR=str(workdir), **REDUCED)
+    proc = run_make("demo", WORKDIR=str(workdir), **REDUCED, timeout=1500)
     return workdir, proc
 
 
@@ -80,8 +72,8 @@ def test_stages_chain_by_their_folders_so_a_second_run_redoes_nothing(reduced_de
     workdir, proc = reduced_demo
     assert proc.returncode == 0
     for scorer in ("compressibility", "incompressibility"):
-        q = _make("-q", "eval", WORKDIR=str(workdir), SCORER=scorer, **REDUCED)
+        q = run_make("-q", "eval", WORKDIR=str(workdir), SCORER=scorer, **REDUCED, timeout=1500)
         assert q.returncode == 0, f"make eval SCORER={scorer} is not up to date after make demo:\n{q.stdout}{q.stderr}"
     # a later stage after an earlier one: `make train` has nothing to do, and says what it would run: nothing
-    dry = _make("-n", "train", WORKDIR=str(workdir), SCORER="compressibility", **REDUCED)
+    dry = run_make("-n", "train", WORKDIR=str(workdir), SCORER="compressibility", **REDUCED, timeout=1500)
     assert dry.returncode == 0 and "prefpipe" not in dry.stdout, dry.stdout

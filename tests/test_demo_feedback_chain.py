@@ -13,13 +13,11 @@ reversal, the loss or the LoRA export turns one of the two.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import run_make
 
 pytestmark = pytest.mark.slow
 
@@ -34,16 +32,10 @@ REDUCED = {
 }
 
 
-def _make(*args: str, **variables: str) -> subprocess.CompletedProcess:
-    cmd = ["make", "--no-print-directory", "-C", str(REPO), *args, *(f"{k}={v}" for k, v in variables.items())]
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=2400)
-
-
 @pytest.fixture(scope="module")
 def reduced_feedback(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo-feedback")
-    proc = _make("demo-feedback", WORKDIR=str(workdir), **REDUCED)
+    proc = run_make("demo-feedback", WORKDIR=str(workdir), **REDUCED, timeout=2400)
     return workdir, proc
 
 
@@ -102,5 +94,5 @@ def test_the_human_arm_trained_on_ingested_pick_a_pic_shards(reduced_feedback):
 def test_a_second_make_demo_feedback_redoes_nothing(reduced_feedback):
     workdir, proc = reduced_feedback
     _ok(proc)
-    dry = _make("-n", str(workdir / "feedback" / "eval" / "report.json"), WORKDIR=str(workdir), **REDUCED)
+    dry = run_make("-n", str(workdir / "feedback" / "eval" / "report.json"), WORKDIR=str(workdir), **REDUCED, timeout=2400)
     assert dry.returncode == 0 and "prefpipe" not in dry.stdout, dry.stdout

@@ -68,8 +68,8 @@ def train_dpo(cfg: TrainConfig, objective: Objective, *, on_steps_start: Callabl
         from trainer.plan.fit import describe_change, fit
 
         chosen, fitted = fit(cfg, objective_step, log=_log_main)
-        _log_main(f"train: --max-memory {cfg.max_memory}: " + (f"fits with {describe_change(cfg, chosen)}"
-                                                                if describe_change(cfg, chosen) else "fits as configured"))
+        change = describe_change(cfg, chosen)
+        _log_main(f"train: --max-memory {cfg.max_memory}: " + (f"fits with {change}" if change else "fits as configured"))
         cfg = chosen
 
     # ---- 1. options that need no model ----------------------------------------------------------------
