@@ -56,8 +56,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps hpsv2x==1.2.0 clint==0.5.1
 	@touch $@
 
+# Two pytest workers, one test file each at a time (pytest-xdist): the demo chains train with one thread, so
+# on two cores they overlap with the rest; TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 test: install lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 # ruff, and the layer rule of docs/architecture.md (import-linter contracts in pyproject.toml)
 lint: install

@@ -15,6 +15,10 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 PARTI = SHARED_DATA / "PartiPrompts.tsv"
 ARTIFACTS = REPO / "test-artifacts"
 
+# `accelerate launch` as a user runs it; port 0: a free port of its own (the default, 29500, is one port for
+# every launch, and the test workers of `make test` launch at the same time)
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "0"]
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -89,3 +93,16 @@ def chromium() -> str:
             pytest.fail(f"chromium is missing and `apt-get install -y chromium` failed (exit {proc.returncode}):\n"
                         f"{(proc.stderr or proc.stdout)[-3000:]}")
     return exe
+
+
+# The longest files (minutes each, mostly one thread), started first so that `make test`'s two workers
+# (pytest-xdist, `--dist loadfile --no-loadscope-reorder`) run them beside everything else, not after it.
+LONGEST_FIRST = ("test_demo_feedback_chain.py", "test_demo_chain.py", "test_plan.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = Path(str(item.fspath)).name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file and among the others is kept

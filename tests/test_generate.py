@@ -19,7 +19,7 @@ from prefpipe.core.prompts import prompt_id
 from prefpipe.core.schema import CANDIDATES
 from prefpipe.core.tables import parquet_files, read_manifest
 from prefpipe.stages.generate import GenerateOptions, generate, image_seed
-from tests.conftest import REPO, run_cli
+from tests.conftest import ACCELERATE_LAUNCH, REPO, run_cli
 
 PROMPTS = ["a red circle on a blue background", "a green square", "a yellow star at night", "a red circle on a blue background", "", "a purple cat"]
 DISTINCT = 4
@@ -119,7 +119,7 @@ def test_two_accelerate_processes_produce_the_same_rows_as_one(tiny_sd15, tmp_pa
     # accelerate gives each CPU process one thread; the single process gets one too, so that the
     # comparison is byte for byte (a different thread count changes float rounding, not the rows).
     run_cli("generate", *args, "--out", tmp_path / "one", env={"OMP_NUM_THREADS": "1"})
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    launch = [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "prefpipe", "generate",
               *map(str, args), "--out", str(tmp_path / "two")]
     proc = subprocess.run(launch, capture_output=True, text=True, timeout=600, cwd=REPO)

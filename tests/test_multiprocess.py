@@ -19,7 +19,7 @@ from prefpipe.core.dataset import ShardedDataset
 from prefpipe.core.prompts import prompt_id
 from prefpipe.core.schema import CANDIDATES
 from prefpipe.core.tables import parquet_files, read_manifest
-from tests.conftest import REPO, run_cli
+from tests.conftest import ACCELERATE_LAUNCH, REPO, run_cli
 from tests.test_eval import make_lora_run
 from tests.test_label import drawn, png
 
@@ -29,7 +29,7 @@ PROMPTS = [f"prompt {i}" for i in range(6)]
 
 def launch(*args, timeout: int = 900) -> subprocess.CompletedProcess:
     """`accelerate launch --multi_gpu --num_processes 2 -m prefpipe ARGS` on the CPU, as a user runs it."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    cmd = [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "prefpipe",
            *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
@@ -155,7 +155,7 @@ def test_a_rank_killed_mid_run_then_a_rerun_gives_the_one_process_dataset(tiny_s
             "--steps", "10", "--batch-size", "2", "--prompts-per-shard", "1", "--no-progress"]
     run_cli(*args, "--out", tmp_path / "one", env=ONE_THREAD)
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+    cmd = [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2", "--num_machines",
            "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "prefpipe", *map(str, args), "--out", str(killed)]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **ONE_THREAD}, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from prefpipe.core.errors import PrefpipeError
 from prefpipe.core.options import cli_name
 from prefpipe.core.schema import PAIRS, conform
-from tests.conftest import REPO, run_cli
+from tests.conftest import ACCELERATE_LAUNCH, REPO, run_cli
 from trainer.config import TrainConfig
 from trainer.data.cache import LatentSpec
 from trainer.data.pairs import PairData, PairIndex, build_index
@@ -206,7 +206,7 @@ def test_two_accelerate_processes_log_once_the_mean_of_both(tiny_sd15, pairs, tm
     # 2 processes x 1 pair = 1 process x 1 pair x 2 accumulation: same pairs, same per-pair draws.
     one = tmp_path / "one"
     train(_cfg(tiny_sd15, one, pairs, batch_size=1, gradient_accumulation=2, cache_dir=str(tmp_path / "c1")))
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    launch = [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "prefpipe", "train",
               "--model", str(tiny_sd15), "--pairs", str(pairs), "--out", str(tmp_path / "two"), "--resolution", "32",
               "--batch-size", "1", "--max-steps", "3", "--learning-rate", "1e-3", "--checkpoint-every", "0",

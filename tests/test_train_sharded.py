@@ -25,10 +25,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import ACCELERATE_LAUNCH, REPO, run_cli
 
 THREADS = {"OMP_NUM_THREADS": "1"}
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+LAUNCH = [*ACCELERATE_LAUNCH, "--num_processes", "2", "--num_machines", "1",
           "--mixed_precision", "no", "--dynamo_backend", "no"]
 SHARDED = ["--use_fsdp", "--fsdp_version", "2", "-m", "tests.test_train_sharded"]  # FSDP2, as a user asks for it
 REPLICATED = ["--multi_gpu", "-m", "prefpipe"]
