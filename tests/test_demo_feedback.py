@@ -284,13 +284,13 @@ def test_demo_clip_saves_in_open_clip_format_and_the_clip_scorer_loads_it(quick_
 def test_demo_clip_is_cached_by_config(quick_clip, tmp_path):
     from dataclasses import replace
 
-    from prefpipe.demo.clip import QUICK, build_demo_clip, is_cached
+    from prefpipe.demo.clip import CACHE, QUICK, build_demo_clip
 
     out, first = quick_clip
     weights = (out / "open_clip_model.safetensors").read_bytes()
     again = build_demo_clip(QUICK, out, progress=False)
     assert again["cached"] and (out / "open_clip_model.safetensors").read_bytes() == weights
-    assert is_cached(out, QUICK) and not is_cached(out, replace(QUICK, steps=QUICK.steps + 1))
+    assert CACHE.holds(out, QUICK) and not CACHE.holds(out, replace(QUICK, steps=QUICK.steps + 1))
     # same config elsewhere: the same weights (one thread, deterministic kernels, seeded drawings)
     other = build_demo_clip(QUICK, tmp_path / "clip", progress=False)
     assert not other["cached"] and (tmp_path / "clip" / "open_clip_model.safetensors").read_bytes() == weights

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from prefpipe.demo.build import RECORD, build_demo_model, demo_model, read_record
+from prefpipe.demo.build import CACHE, build_demo_model, demo_model
 from prefpipe.demo.model import QUICK
 from prefpipe.demo.world import (
     COLOURS,
@@ -94,7 +94,7 @@ def test_model_folder_loads_with_diffusers_from_pretrained(quick_model):
 
 def test_record_holds_config_losses_timings_and_measured_quality(quick_model):
     out, record, _ = quick_model
-    on_disk = read_record(out)
+    on_disk = CACHE.read(out)
     assert on_disk["config"]["steps_unet"] == QUICK.steps_unet
     assert set(on_disk["timings_s"]) >= {"draw", "vae", "encode", "unet", "measure", "total"}
     metrics = on_disk["metrics"]
@@ -130,10 +130,10 @@ def test_a_different_config_retrains(tmp_path):
     other = replace(tiny, steps_unet=3)
     record = build_demo_model(other, out, progress=False)
     assert not record["cached"]
-    assert read_record(out)["config"]["steps_unet"] == 3
+    assert CACHE.read(out)["config"]["steps_unet"] == 3
     assert not (tmp_path / ".base.partial").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
-    assert json.loads((out / RECORD).read_text())["config"] == record["config"]
+    assert json.loads((out / CACHE.record).read_text())["config"] == record["config"]
 
 
 def test_two_cold_builds_in_fresh_processes_give_bit_identical_weights(tmp_path):
@@ -160,7 +160,7 @@ def test_two_cold_builds_in_fresh_processes_give_bit_identical_weights(tmp_path)
             assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), (str(f), name)
             compared += 1
     assert compared > 100
-    records = [read_record(out) for out in outs]
+    records = [CACHE.read(out) for out in outs]
     assert records[0]["losses"] == records[1]["losses"]
     assert records[0]["versions"]["torch_threads"] == 1 and records[0]["versions"]["deterministic_algorithms"]
 

@@ -9,9 +9,8 @@ when complete, so a killed run leaves no half model behind.
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -20,6 +19,7 @@ import torch
 
 from prefpipe.core.errors import PrefpipeError
 from prefpipe.core.files import atomic_output
+from prefpipe.demo.cache import ConfigCache
 from prefpipe.demo.model import (
     QUICK,
     DemoConfig,
@@ -49,7 +49,7 @@ from prefpipe.demo.world import (
 # Bump when drawing, training or measuring changes what a config produces: caches of older formats retrain.
 # 2: trained on one thread with deterministic kernels (format 1 used every core: other weights).
 DEMO_FORMAT = 2
-RECORD = "prefpipe_demo.json"
+CACHE = ConfigCache("demo-model", record="prefpipe_demo.json", marker="model_index.json", version=DEMO_FORMAT)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -129,35 +129,14 @@ def measure(pipe, cfg: DemoConfig, out: Path | None = None) -> dict:
 # ------------------------------------------------------------------------------------------------------
 
 
-def read_record(out: str | Path) -> dict | None:
-    path = Path(out) / RECORD
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _identity(cfg: DemoConfig) -> dict:
-    return json.loads(json.dumps({"format": DEMO_FORMAT, **asdict(cfg)}))  # tuples -> lists, as in the file
-
-
-def is_cached(out: str | Path, cfg: DemoConfig) -> bool:
-    """The folder holds a finished model trained with exactly this config."""
-    record = read_record(out)
-    return (Path(out) / "model_index.json").exists() and record is not None and record.get("config") == _identity(cfg)
-
-
 def build_demo_model(cfg: DemoConfig, out: str | Path, *, progress: bool = True, force: bool = False) -> dict:
     """Train the demo's base model into `out` unless it is already there with this config.
 
     Returns the record (what `prefpipe_demo.json` holds) plus `cached`: whether nothing had to be done.
     """
     out = Path(out)
-    if not force and is_cached(out, cfg):
-        record = read_record(out)
-        click.echo(f"demo-model: {out} already holds this config (trained in {record['timings_s']['total']:.0f} s); "
-                   "nothing to do", err=True)
-        return {**record, "cached": True}
+    if (cached := CACHE.reuse(out, cfg, force)) is not None:
+        return cached
     with reproducible():  # one thread, deterministic kernels: a config gives the same weights every time
         record = _train_and_save(cfg, out, progress)
     return {**record, "cached": False}
@@ -212,7 +191,7 @@ def _train_and_save(cfg: DemoConfig, out: Path, progress: bool) -> dict:
         times["total_cpu"] = time.process_time() - cpu_all  # CPU seconds of all threads: less noisy than wall time
 
         record = {
-            "config": _identity(cfg),
+            "config": CACHE.identity(cfg),
             "losses": {"vae": vae_curve, "unet": unet_curve},
             "latent_scaling_factor": scaling,
             "parameters": {"vae": sum(p.numel() for p in vae.parameters()),
@@ -225,7 +204,7 @@ def _train_and_save(cfg: DemoConfig, out: Path, progress: bool) -> dict:
                          "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
                          "cpu_capability": torch.backends.cpu.get_cpu_capability()},
         }
-        (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        CACHE.write(tmp, record)
     acc = metrics["generation"]["colour_accuracy"]
     click.echo(
         f"demo-model: VAE {cfg.steps_vae} steps (loss {vae_curve[0]:.4f} -> {vae_curve[-1]:.4f}), "

@@ -29,10 +29,9 @@ the same config is reused, any other config retrains (as `prefpipe demo-model` d
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
@@ -40,11 +39,13 @@ import numpy as np
 
 from prefpipe.core.errors import PrefpipeError
 from prefpipe.core.files import atomic_output
+from prefpipe.demo.cache import ConfigCache
 from prefpipe.demo.model import reproducible
 from prefpipe.demo.world import SIDE, caption, combinations, draw_dataset
 
 CLIP_FORMAT = 1  # bump when drawing, training or measuring changes what a config produces
-RECORD = "prefpipe_demo_clip.json"
+CACHE = ConfigCache("demo-clip", record="prefpipe_demo_clip.json", marker="open_clip_model.safetensors",
+                    version=CLIP_FORMAT)
 
 
 @dataclass
@@ -228,22 +229,6 @@ def measure_clip(model, tokenizer, cfg: ClipConfig) -> dict:
 # ------------------------------------------------------------------------------------------------------
 
 
-def identity(cfg: ClipConfig) -> dict:
-    return json.loads(json.dumps({"format": CLIP_FORMAT, **asdict(cfg)}))
-
-
-def read_record(out: str | Path) -> dict | None:
-    try:
-        return json.loads((Path(out) / RECORD).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def is_cached(out: str | Path, cfg: ClipConfig) -> bool:
-    record = read_record(out)
-    return (Path(out) / "open_clip_model.safetensors").exists() and record is not None and record.get("config") == identity(cfg)
-
-
 def build_demo_clip(cfg: ClipConfig, out: str | Path, *, progress: bool = True, force: bool = False) -> dict:
     """Train the demo's CLIP into `out` (open_clip hub format) unless it already holds this config."""
     import open_clip
@@ -252,11 +237,8 @@ def build_demo_clip(cfg: ClipConfig, out: str | Path, *, progress: bool = True, 
     from prefpipe.testing.scorers import save_open_clip
 
     out = Path(out)
-    if not force and is_cached(out, cfg):
-        record = read_record(out)
-        click.echo(f"demo-clip: {out} already holds this config (trained in {record['timings_s']['total']:.0f} s); "
-                   "nothing to do", err=True)
-        return {**record, "cached": True}
+    if (cached := CACHE.reuse(out, cfg, force)) is not None:
+        return cached
     t0 = time.perf_counter()
     with reproducible():  # one thread, deterministic kernels, as the base model: a config gives the same weights
         model, tokenizer, curve = train_clip(cfg, progress)
@@ -265,14 +247,14 @@ def build_demo_clip(cfg: ClipConfig, out: str | Path, *, progress: bool = True, 
     with atomic_output(out) as tmp:
         save_open_clip(model, cfg.model_cfg(), tmp)
         record = {
-            "config": identity(cfg),
+            "config": CACHE.identity(cfg),
             "curve": curve,
             "metrics": metrics,
             "parameters": sum(p.numel() for p in model.parameters()),
             "timings_s": {"train": round(t_train, 2), "total": round(time.perf_counter() - t0, 2)},
             "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
         }
-        (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        CACHE.write(tmp, record)
     click.echo(
         f"demo-clip: {cfg.steps} steps of {cfg.batch_size} drawn images (loss {curve['loss'][0]:.3f} -> "
         f"{curve['loss'][-1]:.3f}) in {t_train:.0f} s; on fresh drawings the right caption scores highest of "
