@@ -51,7 +51,10 @@ def base_config(model: Path, resolution: int, **changes):
     return dataclasses.replace(cfg, **changes)
 
 
-def budgets_section(models: dict[str, Path], results: dict, md: list[str]) -> None:
+BUDGET_RUNS = ("sdxl-lora", "sdxl-full", "sd15-lora", "sd15-full")
+
+
+def budgets_section(models: dict[str, Path], results: dict, md: list[str], runs: tuple[str, ...] = BUDGET_RUNS) -> None:
     from trainer.plan.fit import Search, budget_rows, format_budget_rows, parse_memory
     from trainer.plan.result import describe
     from trainer.recipes.dpo import objective_step
@@ -59,6 +62,8 @@ def budgets_section(models: dict[str, Path], results: dict, md: list[str]) -> No
     md.append("## What `--max-memory` picks\n")
     for kind, resolution in (("sdxl", 1024), ("sd15", 512)):
         for mode in ("lora", "full"):
+            if f"{kind}-{mode}" not in runs:
+                continue
             cfg = base_config(models[kind], resolution, full=mode == "full")
             search = Search(cfg, objective_step, log)
             t0 = time.perf_counter()
@@ -166,6 +171,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default="shared,recipe,layouts,budgets",
                         help="comma list of shared, recipe, layouts, budgets (a subset writes plan-SECTIONS.json/.md)")
+    parser.add_argument("--budget-runs", default=",".join(BUDGET_RUNS),
+                        help=f"the budgets section's tables, a comma list of {', '.join(BUDGET_RUNS)}")
     parser.add_argument("--models", default=str(REPO / "work" / "plan-models"), help="where to write the config folders")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -185,12 +192,18 @@ def main() -> None:
     chosen = args.sections.split(",")
     if set(chosen) - set(sections):
         parser.error(f"--sections: choose from {', '.join(sections)}")
+    runs = tuple(args.budget_runs.split(","))
+    if set(runs) - set(BUDGET_RUNS):
+        parser.error(f"--budget-runs: choose from {', '.join(BUDGET_RUNS)}")
     for name in chosen:
-        sections[name](models, results, md)
+        if name == "budgets":
+            budgets_section(models, results, md, runs)
+        else:
+            sections[name](models, results, md)
     results["seconds"] = time.perf_counter() - t0
     out = REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    name = "plan" if set(chosen) == set(sections) else "plan-" + "-".join(chosen)
+    name = "plan" if set(chosen) == set(sections) and runs == BUDGET_RUNS else "plan-" + "-".join(chosen + list(runs))
     (out / f"{name}.json").write_text(json.dumps(results, indent=1, default=str))
     (out / f"{name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
