@@ -17,6 +17,7 @@ from prefpipe.core.errors import PrefpipeError, PrefpipeGroup
 LAZY_COMMANDS = {
     "generate": ("prefpipe.stages.generate", "generate_command"),
     "label": ("prefpipe.stages.label", "label"),
+    "feedback": ("prefpipe.stages.feedback", "feedback_command"),
     "pairs": ("prefpipe.stages.label", "pairs_command"),
     "ingest": ("prefpipe.stages.ingest", "ingest"),
     "annotate": ("prefpipe.stages.annotate", "annotate"),
@@ -24,11 +25,13 @@ LAZY_COMMANDS = {
     "d3po-rounds": ("prefpipe.stages.rounds", "d3po_rounds"),
     "eval": ("prefpipe.stages.eval", "eval_command"),
     "show": ("prefpipe.stages.eval.show", "show"),
+    "scorers": ("prefpipe.stages.scorers", "scorers_command"),
     "demo-model": ("prefpipe.demo.build", "demo_model"),
     "demo-headline": ("prefpipe.demo.headline", "demo_headline"),
     "demo-clip": ("prefpipe.demo.clip", "demo_clip"),
     "demo-annotate": ("prefpipe.demo.annotators", "demo_annotate"),
     "demo-reverse": ("prefpipe.demo.feedback", "demo_reverse"),
+    "demo-compare": ("prefpipe.demo.compare", "demo_compare"),
     "demo-feedback-headline": ("prefpipe.demo.feedback", "demo_feedback_headline"),
 }
 
@@ -58,22 +61,25 @@ def main(debug: bool) -> None:
 
 
 @main.command()
-@click.argument("kind", type=click.Choice(["sd15", "sdxl", "pickscore", "hpsv2", "clip", "aesthetic"]))
+@click.argument("kind", type=click.Choice(["sd15", "sdxl", "sd3", "flux", "pickscore", "hpsv2", "clip", "aesthetic",
+                                                  "imagereward", "hpsv3"]))
 @click.option("--out", required=True, type=click.Path(), help="Folder to write.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--size", type=click.IntRange(min=16), default=64, show_default=True, help="Native image side in pixels (multiple of 8).")
 def tiny(kind, out, seed, size):
     """Write a tiny offline model of a real architecture (same classes, same on-disk format).
 
-    sd15 / sdxl: a diffusers pipeline folder that `--model` accepts.
-    pickscore / hpsv2 / clip / aesthetic: a scorer checkpoint in the real format; pass the printed path
+    sd15 / sdxl / sd3 / flux: a diffusers pipeline folder that `--model` accepts (sd3: SD3.5's
+    StableDiffusion3Pipeline; flux: FLUX.1-dev's FluxPipeline; both with a T5 tokenizer trained offline).
+    pickscore / hpsv2 / clip / aesthetic / imagereward / hpsv3: a scorer checkpoint in the real format; pass the printed path
     as `prefpipe label --weights KIND=PATH`.
     """
-    if kind in ("sd15", "sdxl"):
+    if kind in ("sd15", "sdxl", "sd3", "flux"):
         from prefpipe.testing.tiny import write_tiny_pipeline
 
-        if size % 8:
-            raise PrefpipeError(f"--size {size}: must be a multiple of 8")
+        step = 16 if kind in ("sd3", "flux") else 8  # flow models: 2x2 latent patches after the VAE's x8
+        if size % step:
+            raise PrefpipeError(f"--size {size}: must be a multiple of {step} for {kind}")
         path = write_tiny_pipeline(kind, out, seed=seed, size=size)
     else:
         from prefpipe.testing.scorers import write_tiny_scorer

@@ -1,8 +1,12 @@
 """Loading diffusers text-to-image pipelines by hub id or local folder, placed for the hardware.
 
-SD 1.5 and SDXL are first-class; any diffusers text-to-image pipeline loads. Fine-tuned weights
-from `prefpipe train` plug in: `lora=RUN` (pytorch_lora_weights.safetensors via `load_lora_weights`)
-or `unet=RUN` (a UNet2DConditionModel folder replacing the base UNet).
+SD 1.5, SDXL, SD3/SD3.5 and FLUX.1 are first-class; any diffusers text-to-image pipeline loads. Fine-tuned
+weights from `prefpipe train` plug in: `lora=RUN` (pytorch_lora_weights.safetensors via the pipeline's own
+`load_lora_weights`, for the UNet families and the flow transformers alike) or `unet=RUN` (a full run's
+UNet2DConditionModel folder replacing the base UNet, or for SD3/FLUX.1 its transformer folder replacing the
+base transformer). The flow-matching families (SD3, FLUX.1) sample with
+their own FlowMatchEulerDiscreteScheduler, and `dtype="auto"` gives them bf16 on CUDA (their T5 encoder
+overflows in fp16).
 """
 
 from __future__ import annotations
@@ -71,14 +75,25 @@ def load_pipeline(
     source = resolve_model(model)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    if dtype in (None, "auto") and dev.type == "cuda" and model_family_of(source) in FLOW_FAMILIES:
+        import torch
+
+        if torch.cuda.is_bf16_supported():
+            torch_dtype = torch.bfloat16  # fp16 overflows in T5 and the FLUX transformer (NaN, black images)
     per_component = {name: resolve_dtype(d, dev) for name, d in (dtypes or {}).items()}
     kwargs: dict = {"dtype": {"default": torch_dtype, **per_component} if per_component else torch_dtype}
     kwargs.update({name: None for name in without})
     if unet is not None:
-        unet_dir = unet_folder(unet)
-        if unet_dir is None:
-            raise PrefpipeError(f"--unet {unet}: no UNet2DConditionModel folder (config.json) there")
-        kwargs["unet"] = load_unet(unet_dir, per_component.get("unet", torch_dtype))
+        found = denoiser_folder(unet)
+        if found is None:
+            raise PrefpipeError(f"--unet {unet}: no UNet2DConditionModel folder (unet/config.json), nor an SD3/FLUX "
+                                "transformer folder (transformer/config.json) there")
+        folder, component = found
+        family = model_family_of(source)
+        if family is not None and (component == "transformer") != (family in FLOW_FAMILIES):
+            raise PrefpipeError(f"--unet {unet}: holds a {component} ({folder}), which does not fit the {family} "
+                                f"pipeline {model}")
+        kwargs[component] = load_denoiser(folder, per_component.get(component, torch_dtype))
     index = Path(source) / "model_index.json"
     if index.exists() and '"safety_checker"' in index.read_text():
         # Research use: generated candidates are judged by scorers, not filtered to black squares.
@@ -115,15 +130,46 @@ def load_pipeline(
     return pipe
 
 
-def _is_unet_folder(folder: Path) -> bool:
+def _config_class(folder: Path) -> str:
     config = folder / "config.json"
     if not config.is_file():
-        return False
+        return ""
     try:
-        cls = json.loads(config.read_text()).get("_class_name", "")
+        return str(json.loads(config.read_text()).get("_class_name", ""))
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
-    return "UNet" in str(cls)
+        return ""
+
+
+def _is_unet_folder(folder: Path) -> bool:
+    return "UNet" in _config_class(folder)
+
+
+# the denoisers a full run may hold, by the pipeline component they replace
+FLOW_TRANSFORMERS = ("SD3Transformer2DModel", "FluxTransformer2DModel")
+
+
+def denoiser_folder(run: str | Path) -> tuple[Path, str] | None:
+    """The denoiser of a full run and the pipeline component it replaces: (`RUN/unet`, "unet") for the UNet
+    families, (`RUN/transformer`, "transformer") for SD3/FLUX.1 (an SD3Transformer2DModel or
+    FluxTransformer2DModel folder), or RUN itself holding either's config.json; None if neither."""
+    run = Path(run)
+    for folder in (run / "unet", run / "transformer", run):
+        cls = _config_class(folder)
+        if "UNet" in cls:
+            return folder, "unet"
+        if cls in FLOW_TRANSFORMERS:
+            return folder, "transformer"
+    return None
+
+
+def load_denoiser(folder: str | Path, dtype=None):
+    """The UNet or flow transformer saved in `folder` (safetensors), of the class its config.json names."""
+    import diffusers
+
+    cls = _config_class(Path(folder))
+    if cls not in ("UNet2DConditionModel", *FLOW_TRANSFORMERS):
+        raise PrefpipeError(f"{folder}: config.json names {cls or 'no class'}, not a UNet or a flow transformer")
+    return getattr(diffusers, cls).from_pretrained(folder, **({"dtype": dtype} if dtype is not None else {}))
 
 
 def unet_folder(run: str | Path) -> Path | None:
@@ -148,20 +194,88 @@ def set_scheduler(pipe, name: str) -> None:
 
     if name not in SCHEDULERS:
         raise PrefpipeError(f"--scheduler {name}: choose one of {', '.join(SCHEDULERS)}")
+    if is_flow_scheduler(pipe.scheduler):
+        check_flow_scheduler(name, type(pipe).__name__)
+        return  # `euler`: the flow model's own FlowMatchEulerDiscreteScheduler, kept
     cls = getattr(diffusers, SCHEDULERS[name])
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
 
 
+# the flow-matching transformer families (no DDPM noise schedule: x_t = (1 - sigma) x_0 + sigma noise)
+FLOW_FAMILIES = ("sd3", "flux")
+
+
+def is_flow_scheduler(scheduler) -> bool:
+    """A flow-matching sampler (FlowMatchEulerDiscreteScheduler and its kin): sigmas, not a DDPM beta schedule."""
+    return type(scheduler).__name__.startswith("FlowMatch")
+
+
+def check_flow_scheduler(name: str | None, what: str) -> None:
+    """Only `euler` (the model's own FlowMatchEulerDiscreteScheduler) samples a flow-matching model: the other
+    --scheduler names are DDPM samplers, whose beta schedule and epsilon/v prediction the model was not trained for."""
+    if name not in (None, "euler"):
+        raise PrefpipeError(
+            f"--scheduler {name}: {what} is a flow-matching model (SD3/FLUX.1): it samples with its own "
+            "FlowMatchEulerDiscreteScheduler (`euler`, the default); DDPM samplers (ddim, dpm++, pndm, ddpm, "
+            "euler-a) assume a noise schedule it was not trained with. Drop --scheduler or pass `euler`."
+        )
+
+
+def native_size(pipe) -> tuple[int, int] | None:
+    """The model's native (width, height) in pixels: the UNet's or the SD3 transformer's `sample_size` times the
+    VAE's factor, else the VAE's own `sample_size` (FLUX.1: 1024); None when the pipeline has none of them."""
+    factor = getattr(pipe, "vae_scale_factor", None)
+    for name in ("unet", "transformer"):
+        sample = getattr(getattr(getattr(pipe, name, None), "config", None), "sample_size", None)
+        if factor and isinstance(sample, int):
+            return sample * factor, sample * factor
+    side = getattr(getattr(getattr(pipe, "vae", None), "config", None), "sample_size", None)
+    if isinstance(side, int):
+        return side, side
+    return None
+
+
 def model_family(pipe) -> str:
-    """`sdxl` for UNet pipelines with two text encoders and micro-conditioning, `sd15` for SD 1.x/2.x, else
-    `other`. Read from the pipeline's component names, so a pipeline loaded `without` its text encoders
-    still says what it is."""
+    """`sdxl` for UNet pipelines with two text encoders and micro-conditioning, `sd15` for SD 1.x/2.x, `sd3` for
+    SD3/SD3.5 (MMDiT transformer, two CLIP encoders and T5), `flux` for FLUX.1 (transformer, CLIP and T5), else
+    `other`. Read from the pipeline's class and component names, so a pipeline loaded `without` its text
+    encoders still says what it is."""
     names = set(pipe.components)
+    family = family_of_class(type(pipe).__name__)
+    if family in FLOW_FAMILIES and "transformer" in names:
+        return family
     if "unet" not in names:
         return "other"
     if "text_encoder_2" in names:
         return "sdxl"
     return "sd15" if "text_encoder" in names else "other"
+
+
+def family_of_class(pipeline_class: str) -> str | None:
+    """`sd3` / `flux` from a diffusers pipeline class name (StableDiffusion3Pipeline, FluxPipeline, ...);
+    None for any other (the UNet families are told apart by their components)."""
+    if pipeline_class.startswith("StableDiffusion3"):
+        return "sd3"
+    if pipeline_class.startswith("Flux"):
+        return "flux"
+    return None
+
+
+def model_family_of(model: str) -> str | None:
+    """The family of a pipeline folder or hub id from its model_index.json alone (no weights read): `sd3`,
+    `flux`, `sdxl`, `sd15` or `other`; None when the index cannot be read (offline hub id)."""
+    try:
+        index = component_config(model, "model_index")
+    except (PrefpipeError, OSError, ValueError):
+        return None
+    family = family_of_class(str(index.get("_class_name", "")))
+    if family:
+        return family
+    if "unet" not in index:
+        return "other"
+    if "text_encoder_2" in index:
+        return "sdxl"
+    return "sd15" if "text_encoder" in index else "other"
 
 
 def text_encoder_names(model: str) -> list[str]:

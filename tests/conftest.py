@@ -72,6 +72,20 @@ def tiny_sdxl(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> Path:
+    from prefpipe.testing.tiny import write_tiny_pipeline
+
+    return write_tiny_pipeline("sd3", tmp_path_factory.mktemp("models") / "tiny-sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    from prefpipe.testing.tiny import write_tiny_pipeline
+
+    return write_tiny_pipeline("flux", tmp_path_factory.mktemp("models") / "tiny-flux")
+
+
+@pytest.fixture(scope="session")
 def parti_prompts() -> Path:
     if not PARTI.exists():
         pytest.fail(f"{PARTI} is missing: the tests read the shared PartiPrompts data from ../shared/data")

@@ -14,7 +14,7 @@ from trainer.config import TrainConfig
 @click.command(context_settings={"max_content_width": 120})
 @click_options(TrainConfig)
 def train(**options) -> None:
-    """Train a LoRA (or the whole UNet) on preferences: Diffusion-DPO (default), SFT, hinge, IPO, or D3PO.
+    """Train a LoRA (or the whole UNet) on preferences: Diffusion-DPO (default), SFT, hinge, IPO, MaPO, KTO or D3PO.
 
     \b
     Data: --source ai|human (WORKDIR/pairs/...) and/or --pairs PATH (ours or Pick-a-Pic shards);

@@ -13,6 +13,13 @@
   ``force_zeros_for_empty_prompt`` (SDXL base), so training teaches the unconditional branch the model
   actually samples with. (The paper's ``train.py`` encodes ``""`` for SDXL too; diffusers' DPO scripts have
   no caption dropout.)
+- **SD3.x**: as ``StableDiffusion3Pipeline.encode_prompt`` (clip_skip None): the penultimate hidden states of
+  both CLIP encoders concatenated, ``(B, 77, D1 + D2)``, zero-padded to T5's width and followed by T5's last
+  hidden state, ``(B, 77 + L, D_t5)``; pooled = both CLIP projections concatenated, ``(B, P1 + P2)``. L is
+  `max_sequence_length` (the pipeline's 256). Dropped captions use ``encode("")`` (the pipeline's negative prompt).
+- **FLUX.1**: as ``FluxPipeline.encode_prompt``: T5's last hidden state ``(B, L, D_t5)`` (L: 512) and the CLIP
+  text model's pooled output ``(B, 768)``; the text ids are zeros ``(L, 3)``, made at the call
+  (`trainer/flow.py`). Dropped captions use ``encode("")``.
 """
 
 from __future__ import annotations
@@ -24,13 +31,15 @@ from torch import Tensor
 
 from prefpipe.core.errors import PrefpipeError
 
+T5_LENGTH = {"sd3": 256, "flux": 512}  # the pipelines' default max_sequence_length
+
 
 @dataclass
 class PromptEmbeds:
     """Text conditioning of a batch of captions."""
 
-    prompt_embeds: Tensor  # (B, 77, D): encoder_hidden_states
-    pooled: Tensor | None  # (B, P): SDXL's text_embeds; None for SD 1.x/2.x
+    prompt_embeds: Tensor  # (B, 77, D): encoder_hidden_states (SD3: (B, 77 + L, D_t5); FLUX: (B, L, D_t5))
+    pooled: Tensor | None  # (B, P): SDXL's text_embeds, SD3/FLUX's pooled projections; None for SD 1.x/2.x
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PromptEmbeds:
         pooled = None if self.pooled is None else self.pooled.to(device, dtype)
@@ -40,21 +49,30 @@ class PromptEmbeds:
 class TextConditioner:
     """The tokenizers and frozen text encoders of a pipeline, and its unconditional embedding.
 
-    family: ``sd15`` (SD 1.x/2.x) or ``sdxl`` (see ``prefpipe.models.model_family``).
+    family: ``sd15`` (SD 1.x/2.x), ``sdxl``, ``sd3`` or ``flux`` (see ``prefpipe.models.model_family``).
+    max_sequence_length: T5 tokens per caption for sd3/flux (None: the pipeline's default).
     """
 
-    def __init__(self, pipe, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, pipe, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 max_sequence_length: int | None = None):
         from prefpipe.models import model_family
 
         self.family = model_family(pipe)
-        if self.family not in ("sd15", "sdxl"):
+        if self.family not in ("sd15", "sdxl", "sd3", "flux"):
             raise PrefpipeError(
-                f"{type(pipe).__name__}: prefpipe train supports SD 1.x/2.x and SDXL pipelines "
-                "(a UNet2DConditionModel with CLIP text encoders)"
+                f"{type(pipe).__name__}: prefpipe train supports SD 1.x/2.x, SDXL, SD3.x and FLUX.1 pipelines"
             )
         self.device = torch.device(device)
         self.dtype = dtype
-        if self.family == "sdxl":
+        self.max_sequence_length = max_sequence_length or T5_LENGTH.get(self.family, 0)
+        if self.family in ("sd3", "flux"):
+            names = ("tokenizer", "tokenizer_2", "tokenizer_3") if self.family == "sd3" else ("tokenizer", "tokenizer_2")
+            self.tokenizers = [getattr(pipe, n) for n in names]
+            self.encoders = [getattr(pipe, n.replace("tokenizer", "text_encoder")) for n in names]
+            if any(e is None for e in self.encoders):
+                raise PrefpipeError(f"{type(pipe).__name__}: training needs every text encoder, T5 included")
+            self.force_zeros = False
+        elif self.family == "sdxl":
             self.tokenizers = [pipe.tokenizer, pipe.tokenizer_2]
             self.encoders = [pipe.text_encoder, pipe.text_encoder_2]
             self.force_zeros = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
@@ -66,9 +84,34 @@ class TextConditioner:
             enc.requires_grad_(False).eval().to(self.device, dtype)
         self._empty: PromptEmbeds | None = None
 
+    def _t5(self, tokenizer, encoder, captions: list[str]) -> Tensor:
+        ids = tokenizer(captions, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+                        add_special_tokens=True, return_tensors="pt").input_ids
+        return encoder(ids.to(self.device))[0]
+
+    def _flow(self, captions: list[str]) -> PromptEmbeds:
+        """SD3 / FLUX conditioning (see the module docstring)."""
+        *clips, t5 = list(zip(self.tokenizers, self.encoders))
+        hidden, pooled = [], []
+        for tokenizer, encoder in clips:
+            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(self.device)
+            out = encoder(ids, output_hidden_states=self.family == "sd3")
+            pooled.append(out[0] if self.family == "sd3" else out.pooler_output)  # text_embeds / pooled output
+            if self.family == "sd3":
+                hidden.append(out.hidden_states[-2])
+        t5_embeds = self._t5(*t5, captions)
+        if self.family == "flux":
+            return PromptEmbeds(t5_embeds, pooled[0])
+        clip = torch.cat(hidden, dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, t5_embeds.shape[-1] - clip.shape[-1]))
+        return PromptEmbeds(torch.cat([clip, t5_embeds], dim=-2), torch.cat(pooled, dim=-1))
+
     @torch.no_grad()
     def encode(self, captions: list[str]) -> PromptEmbeds:
         """Captions -> conditioning, computed in the encoders' dtype. Shapes as in :class:`PromptEmbeds`."""
+        if self.family in ("sd3", "flux"):
+            return self._flow(captions)
         hidden, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.encoders):
             ids = tokenizer(

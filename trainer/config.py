@@ -62,10 +62,15 @@ class TrainConfig:
     )
 
     # -- objective ---------------------------------------------------------------------------------------
-    objective: Literal["dpo", "hinge", "ipo", "sft", "d3po"] = option(
-        "dpo", "Objective from trainer/losses.py: dpo (Diffusion-DPO), hinge, ipo, sft (winners only); d3po needs trajectories."
+    objective: Literal["dpo", "hinge", "ipo", "sft", "mapo", "kto", "d3po"] = option(
+        "dpo", "Objective from trainer/losses.py: dpo (Diffusion-DPO), hinge, ipo, sft (winners only), mapo (MaPO: no "
+        "reference model), kto (Diffusion-KTO: winners desirable, losers undesirable); d3po needs trajectories."
     )
-    beta: float | None = option(None, "KL strength of dpo/hinge/ipo/d3po [default: the objective's own, 5000 for dpo, 0.1 for d3po].")
+    beta: float | None = option(None, "KL strength of dpo/hinge/ipo/kto/d3po, margin weight of mapo [default: the objective's "
+                                "own, 5000 for dpo, 1000 for kto, 0.1 for mapo and d3po].")
+    snr_value: float | None = option(None, "mapo: the constant c of its error transform c*m/(exp(c*m)-1) [default: 0.5].")
+    desirable_weight: float | None = option(None, "kto: weight of the desirable images' loss (lambda_D) [default: 1].")
+    undesirable_weight: float | None = option(None, "kto: weight of the undesirable images' loss (lambda_U) [default: 1].")
     eps: float | None = option(
         None, "d3po: each step's probability ratio (policy / reference) is clipped to [1 - eps, 1 + eps] [default: 0.1]."
     )
@@ -109,6 +114,25 @@ class TrainConfig:
     gradient_checkpointing: bool = option(False, "Recompute UNet activations in the backward pass (less memory, ~30% slower).")
     mixed_precision: Literal["no", "fp16", "bf16"] = option(
         "no", "Autocast precision of the UNet; frozen weights are stored in it, trainable ones stay fp32."
+    )
+
+    # -- flow models (SD3.x, FLUX.1; trainer/flow.py) ----------------------------------------------------
+    weighting_scheme: Literal["logit_normal", "mode", "none", "sigma_sqrt", "cosmap"] = option(
+        "logit_normal", "Flow models: diffusers' SD3/FLUX --weighting_scheme: the training sigmas' density (logit_normal: "
+        "sigmoid of N(--logit-mean, --logit-std), the SD3 paper's choice; mode) or uniform sigmas (none) with the "
+        "errors weighted by sigma^-2 (sigma_sqrt) or 2 / (pi (1 - 2 sigma + 2 sigma^2)) (cosmap)."
+    )
+    logit_mean: float = option(0.0, "Flow models, logit_normal: mean of the normal.")
+    logit_std: float = option(1.0, "Flow models, logit_normal: standard deviation of the normal.", min=0.0)
+    mode_scale: float = option(1.29, "Flow models, mode: the density's scale s.")
+    flow_shift: float | None = option(
+        None, "Flow models: sigma shift s (sigma = s t / (1 + (s - 1) t)) [default: the scheduler's shift, 1 with its "
+        "dynamic shifting (FLUX.1)].", min=0.0
+    )
+    guidance: float = option(3.5, "FLUX.1-dev: the distilled guidance fed to the transformer's guidance embedding in "
+                             "training (its training scripts' 3.5); unused by models without one.", min=0.0)
+    max_sequence_length: int | None = option(
+        None, "Flow models: T5 tokens per caption [default: the pipeline's own, 256 for SD3, 512 for FLUX].", min=1
     )
 
     # -- optimisation ------------------------------------------------------------------------------------
@@ -164,11 +188,13 @@ class TrainConfig:
     def cache_root(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else Path(self.workdir) / "cache"
 
-    def lora_target_modules(self) -> list[str]:
-        """--lora-targets with presets expanded, in order, without duplicates."""
+    def lora_target_modules(self, family: str = "sd15") -> list[str]:
+        """--lora-targets with presets expanded, in order, without duplicates. For the joint-attention transformers
+        (family sd3, flux) `attn` also covers the text stream's projections, as diffusers' LoRA examples do."""
         out: list[str] = []
+        presets = {**LORA_PRESETS, "attn": LORA_PRESETS["attn"] + JOINT_ATTN} if family in ("sd3", "flux") else LORA_PRESETS
         for token in (t.strip() for t in self.lora_targets.split(",")):
-            for name in LORA_PRESETS.get(token, [token] if token else []):
+            for name in presets.get(token, [token] if token else []):
                 if name not in out:
                     out.append(name)
         if not out:
@@ -204,19 +230,20 @@ LORA_PRESETS = {
     "ff": ["ff.net.0.proj", "ff.net.2"],
     "conv": ["conv1", "conv2", "conv_shortcut"],
 }
+JOINT_ATTN = ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]  # SD3/FLUX attention's text-stream projections
 
 
 def hyperparameters(objective: Objective, cfg: TrainConfig) -> dict[str, float]:
-    """The objective's own defaults (beta 5000 for dpo; beta 0.1, eps 0.1 for d3po), overridden by the
-    options of the same name (--beta, --eps)."""
+    """The objective's own defaults (beta 5000 for dpo; beta 0.1, eps 0.1 for d3po; beta 0.1, snr_value 0.5 for
+    mapo; beta 1000 for kto), overridden by the options of the same name (--beta, --eps, --snr-value, ...)."""
     hyper = dict(objective.hyperparameters)
-    for name in ("beta", "eps"):
+    for name in ("beta", "eps", "snr_value", "desirable_weight", "undesirable_weight"):
         value = getattr(cfg, name)
         if value is None:
             continue
         if name not in hyper:
-            raise PrefpipeError(f"--{name}: --objective {cfg.objective} has no {name}")
+            raise PrefpipeError(f"--{name.replace('_', '-')}: --objective {cfg.objective} has no {name}")
         if value <= 0 or (name == "eps" and value >= 1):
-            raise PrefpipeError(f"--{name} {value}: must be {'in (0, 1)' if name == 'eps' else '> 0'}")
+            raise PrefpipeError(f"--{name.replace('_', '-')} {value}: must be {'in (0, 1)' if name == 'eps' else '> 0'}")
         hyper[name] = float(value)
     return hyper

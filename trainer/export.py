@@ -7,7 +7,11 @@
   `pipe.load_lora_weights(RUN)` or `prefpipe generate --model BASE --lora RUN`.
 - **Full runs**: `RUN/unet`, a `UNet2DConditionModel` folder that replaces the base pipeline's UNet
   (`UNet2DConditionModel.from_pretrained(RUN / "unet")`, or `prefpipe generate --unet RUN`). A run sharded
-  with FSDP writes the same folder, from the full state dict gathered into the main process.
+  with FSDP writes the same folder, from the full state dict gathered into the main process. SD3/FLUX runs write
+  `RUN/transformer` (`SD3Transformer2DModel` / `FluxTransformer2DModel.from_pretrained(RUN / "transformer")`).
+- **SD3/FLUX LoRA runs**: the transformer's adapters in peft's keys through `StableDiffusion3Pipeline` /
+  `FluxPipeline.save_lora_weights(transformer_lora_layers=)`, the same file name; those pipelines'
+  `load_lora_weights` load it.
 
 Checkpoints (`RUN/checkpoint-STEP`, trainer/checkpoints.py) hold LoRA weights in the same format, so any
 checkpoint of a LoRA run also loads into a pipeline.
@@ -23,9 +27,14 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def _pipeline_class(family: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
-    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    return getattr(diffusers, {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
+                               "flux": "FluxPipeline"}.get(family, "StableDiffusionPipeline"))
+
+
+def _is_transformer(family: str) -> bool:
+    return family in ("sd3", "flux")
 
 
 def lora_state_dict(unet) -> dict[str, torch.Tensor]:
@@ -47,8 +56,19 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
 
 
 def save_lora(unet, folder: str | Path, family: str) -> Path:
-    """Write `folder/pytorch_lora_weights.safetensors` for `pipe.load_lora_weights(folder)`."""
+    """Write `folder/pytorch_lora_weights.safetensors` for `pipe.load_lora_weights(folder)`. SD3/FLUX: the
+    transformer's adapters in peft's keys (``transformer.<module>.lora_A.weight``), as diffusers'
+    `train_dreambooth_lora_sd3.py` / `_flux.py` save them with `save_lora_weights(transformer_lora_layers=)`."""
     metadata = unet.peft_config["default"].to_dict()
+    if _is_transformer(family):
+        from peft.utils import get_peft_model_state_dict
+
+        layers = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+        _pipeline_class(family).save_lora_weights(
+            save_directory=str(folder), transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata,
+            weight_name=LORA_FILE,
+        )
+        return Path(folder) / LORA_FILE
     _pipeline_class(family).save_lora_weights(
         save_directory=str(folder), unet_lora_layers=lora_state_dict(unet), unet_lora_adapter_metadata=metadata,
         weight_name=LORA_FILE,
@@ -62,22 +82,30 @@ def load_lora(unet, folder: str | Path, family: str) -> None:
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft import set_peft_model_state_dict
 
-    state, _ = _pipeline_class(family).lora_state_dict(str(folder), weight_name=LORA_FILE, use_safetensors=True)
-    state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
-    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
+    if _is_transformer(family):  # our own file, in peft's keys: read as it is (safetensors, never a pickle)
+        from safetensors.torch import load_file
+
+        state = {k.removeprefix("transformer."): v for k, v in load_file(str(Path(folder) / LORA_FILE)).items()
+                 if k.startswith("transformer.")}
+        result = set_peft_model_state_dict(unet, state, adapter_name="default")
+    else:
+        state, _ = _pipeline_class(family).lora_state_dict(str(folder), weight_name=LORA_FILE, use_safetensors=True)
+        state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+        result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise RuntimeError(f"{folder}: LoRA weights do not match the adapter (unexpected keys {unexpected[:3]})")
 
 
 def save_full_unet(unet, run: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write `run/unet` (config.json + safetensors) in float32.
+    """Write `run/unet` (config.json + safetensors) in float32; for a flow transformer `run/transformer`
+    (`SD3Transformer2DModel` / `FluxTransformer2DModel.from_pretrained(RUN / "transformer")`).
 
     `state_dict`: the full weights of a sharded `unet` (FSDP2's `accelerator.get_state_dict`, gathered into
     this process); they are loaded into a fresh, unsharded model of the same class and config (built on the
     meta device, so no second set of weights is allocated), which is what gets saved.
     """
-    folder = Path(run) / "unet"
+    folder = Path(run) / ("unet" if "UNet" in unsharded_class(unet).__name__ else "transformer")
     if state_dict is not None:
         from accelerate import init_empty_weights
 
@@ -101,9 +129,10 @@ CARD = "README.md"
 SAMPLES = "samples"  # RUN/samples/eval-K.png: the images of the last eval shown in the card
 # the hub tag of each objective (diffusers' and the papers' names)
 OBJECTIVE_TAGS = {"dpo": "diffusion-dpo", "hinge": "diffusion-dpo-hinge", "ipo": "diffusion-ipo", "sft": "sft",
-                  "d3po": "d3po"}
+                  "d3po": "d3po", "mapo": "mapo", "kto": "diffusion-kto"}
 OBJECTIVE_NAMES = {"dpo": "Diffusion-DPO", "hinge": "Diffusion-DPO (hinge)", "ipo": "Diffusion-IPO",
-                   "sft": "supervised fine-tuning on the preferred images", "d3po": "D3PO"}
+                   "sft": "supervised fine-tuning on the preferred images", "d3po": "D3PO",
+                   "mapo": "MaPO (margin-aware preference optimization)", "kto": "Diffusion-KTO"}
 CARD_METRICS = ("loss", "implicit_acc", "reward_margin", "clip_frac")  # the last logged values a card shows
 # the options a card lists as the run's hyper-parameters (the rest are in train_config.json)
 CARD_OPTIONS = ("learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "optimizer", "batch_size",
@@ -252,8 +281,9 @@ def render_model_card(folder: str | Path, facts: dict):
     base, kind, objective = facts["base_model"], facts["kind"], facts["objective"]
     tags = ["diffusers", "text-to-image", *(["lora"] if kind == "lora" else []),
             OBJECTIVE_TAGS.get(objective, objective), "prefpipe"]
-    if facts.get("family") == "sdxl":
-        tags.insert(2, "stable-diffusion-xl")
+    family_tag = {"sdxl": "stable-diffusion-xl", "sd3": "stable-diffusion-3", "flux": "flux"}.get(facts.get("family"))
+    if family_tag:
+        tags.insert(2, family_tag)
     samples = facts.get("samples") or []
     data = ModelCardData(
         base_model=base if is_hub_id(base) else None, library_name="diffusers", pipeline_tag="text-to-image",
@@ -261,17 +291,20 @@ def render_model_card(folder: str | Path, facts: dict):
         prefpipe=facts,
     )
     where = "USER/REPO"  # the hub repo it is uploaded to (`hf upload USER/REPO RUN`), or the folder
+    net, cls = {"sd3": ("transformer", "SD3Transformer2DModel"), "flux": ("transformer", "FluxTransformer2DModel")}.get(
+        facts.get("family"), ("unet", "UNet2DConditionModel"))
+    label = "UNet" if net == "unet" else "transformer"
     load = (f'pipe.load_lora_weights("{where}")  # or the run folder {folder}' if kind == "lora" else
-            f'pipe.unet = UNet2DConditionModel.from_pretrained("{where}", subfolder="unet")  # or {folder}/unet')
-    usage = ("from diffusers import DiffusionPipeline" + ("" if kind == "lora" else ", UNet2DConditionModel")
+            f'pipe.{net} = {cls}.from_pretrained("{where}", subfolder="{net}")  # or {folder}/{net}')
+    usage = ("from diffusers import DiffusionPipeline" + ("" if kind == "lora" else f", {cls}")
              + f'\n\npipe = DiffusionPipeline.from_pretrained("{base}")\n{load}\nimage = pipe("a prompt").images[0]')
     evaluation = facts.get("eval")
     if evaluation:
         evaluation = {**evaluation, "results": [{k: _fmt(v) for k, v in r.items()} for r in evaluation["results"]]}
     return ModelCard.from_template(
         data, template_str=MODEL_CARD_TEMPLATE,
-        title=f"{folder.name}: {OBJECTIVE_NAMES.get(objective, objective)} {'LoRA' if kind == 'lora' else 'UNet'}",
-        what=f"A {'LoRA adapter' if kind == 'lora' else 'fine-tuned UNet'}",
+        title=f"{folder.name}: {OBJECTIVE_NAMES.get(objective, objective)} {'LoRA' if kind == 'lora' else label}",
+        what=f"A {'LoRA adapter' if kind == 'lora' else 'fine-tuned ' + label}",
         base=base, base_link=f"https://huggingface.co/{base}" if is_hub_id(base) else base,
         pairs=_fmt(facts["data"].get("pairs")), objective=objective, objective_name=OBJECTIVE_NAMES.get(objective, objective),
         hyper={k: _fmt(v) for k, v in facts["hyperparameters"].items()}, training=facts["training"],

@@ -1,4 +1,4 @@
-"""The UNet a recipe trains, and its reference.
+"""The UNet a recipe trains, and its reference (for SD3/FLUX the transformer: the same code, "unet" below).
 
 - LoRA (default): adapters on the target modules, B at zero so the policy starts as the reference; the
   reference is the same UNet with its adapters switched off (:func:`adapters_disabled`), no second copy.
@@ -20,6 +20,7 @@ from pathlib import Path
 from prefpipe.core.errors import PrefpipeError
 from prefpipe.models import load_unet, unet_folder
 from trainer.config import TrainConfig
+from trainer.flow import FLOW_FAMILIES
 from trainer.losses import Objective
 from trainer.run import Run
 
@@ -44,7 +45,7 @@ def prepare_unet(unet, cfg: TrainConfig, objective: Objective, weight_dtype, fam
         unet.to(weight_dtype)
         unet.add_adapter(LoraConfig(
             r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, init_lora_weights="gaussian",
-            target_modules=cfg.lora_target_modules(),
+            target_modules=cfg.lora_target_modules(family),
         ))
         for p in unet.parameters():  # LoRA B starts at zero: the policy equals the reference at step 0
             if p.requires_grad:
@@ -81,6 +82,12 @@ def load_init_weights(unet, cfg: TrainConfig, family: str) -> None:
     from trainer import export
 
     run = Path(cfg.init_from)
+    if cfg.full and family in FLOW_FAMILIES:
+        if not (run / "transformer" / "config.json").is_file():
+            raise PrefpipeError(f"--init-from {run}: no full-run transformer there (RUN/transformer/config.json); "
+                                "drop --full for a LoRA run")
+        unet.load_state_dict(type(unet).from_pretrained(run / "transformer").state_dict())
+        return
     if cfg.full:
         folder = unet_folder(run)
         if folder is None:

@@ -74,3 +74,101 @@ def write_clip_tokenizer(folder: str | Path, pad_token: str = EOS) -> Path:
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return folder
+
+
+# --- T5 (SD3's third text encoder, FLUX.1's second) -------------------------------------------------------------
+#
+# No hub here, and no T5 vocabulary ships in a wheel: we train a small SentencePiece unigram model on the
+# PartiPrompts text and save it in T5's format: `spiece.model` with pad=0, eos=1, unk=2 and no bos (T5's
+# special ids), plus the 100 `<extra_id_N>` sentinels the transformers T5 tokenizer appends after the pieces,
+# `model_max_length` 512. The real `T5TokenizerFast` loads the folder (the hub's `tokenizer_3/` of SD3 and
+# `tokenizer_2/` of FLUX.1 hold the same files). Training takes about 0.2 s and is deterministic (one thread,
+# sentences in file order, no sampling), so the folder is written anew each time, like the CLIP one above.
+
+T5_PIECES = 2000  # SentencePiece vocabulary (the real T5's is 32,000; PartiPrompts supports at most ~2,300)
+T5_EXTRA_IDS = 100
+T5_MAX_LENGTH = 512
+T5_SPECIAL = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def parti_prompts_path() -> Path:
+    """The PartiPrompts TSV the T5 tokenizer is trained on: `$PREFPIPE_PARTIPROMPTS`, else the workspace's
+    `shared/data/PartiPrompts.tsv` beside this repository."""
+    import os
+
+    env = os.environ.get("PREFPIPE_PARTIPROMPTS")
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data" / "PartiPrompts.tsv"
+
+
+def parti_prompt_texts(path: str | Path | None = None) -> list[str]:
+    """The `Prompt` column of PartiPrompts, in file order."""
+    import csv
+
+    from prefpipe.core.errors import PrefpipeError
+
+    path = Path(path) if path is not None else parti_prompts_path()
+    if not path.is_file():
+        raise PrefpipeError(
+            f"{path}: PartiPrompts TSV not found; the tiny T5 tokenizer is trained on it "
+            "(set PREFPIPE_PARTIPROMPTS to the file)"
+        )
+    with open(path, newline="", encoding="utf-8") as f:
+        texts = [row.get("Prompt") or "" for row in csv.DictReader(f, delimiter="\t")]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise PrefpipeError(f"{path}: no `Prompt` column or no prompts in it")
+    return texts
+
+
+def train_t5_spiece(texts: list[str], pieces: int = T5_PIECES) -> bytes:
+    """A SentencePiece unigram model (serialized `ModelProto`) with T5's special ids: pad 0, eos 1, unk 2, no bos.
+
+    Deterministic: one thread, the sentences in the given order, none sampled or shuffled; trained from an
+    iterator, so no file path is recorded in the model.
+    """
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=buf,
+        vocab_size=pieces,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        character_coverage=1.0,
+        num_threads=1,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        minloglevel=2,
+    )
+    return buf.getvalue()
+
+
+def write_t5_tokenizer(folder: str | Path, texts: list[str] | None = None, pieces: int = T5_PIECES) -> Path:
+    """Write a hub-format T5 tokenizer folder: `spiece.model`, `tokenizer_config.json`, `special_tokens_map.json`
+    and `tokenizer.json` (the fast tokenizer, so loading needs neither sentencepiece nor protobuf)."""
+    from transformers import T5TokenizerFast
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = train_t5_spiece(parti_prompt_texts() if texts is None else texts, pieces)
+    (folder / "spiece.model").write_bytes(model)
+    extra = [f"<extra_id_{i}>" for i in range(T5_EXTRA_IDS)]
+    config = {
+        "tokenizer_class": "T5Tokenizer",
+        "model_max_length": T5_MAX_LENGTH,
+        "extra_ids": T5_EXTRA_IDS,
+        "additional_special_tokens": extra,
+        **T5_SPECIAL,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (folder / "special_tokens_map.json").write_text(json.dumps({**T5_SPECIAL, "additional_special_tokens": extra}, indent=2))
+    # transformers converts spiece.model into the fast tokenizer; keep its tokenizer.json beside it
+    tok = T5TokenizerFast.from_pretrained(folder)
+    tok.backend_tokenizer.save(str(folder / "tokenizer.json"))
+    return folder

@@ -9,6 +9,9 @@
 - `trajectories=True` (D3PO): DDIM sampling with `eta` (default 1.0); the candidates of one prompt share
   the initial noise (seed `noise_seed(seed, prompt_id)`) and differ by the DDIM step noise (their image
   seed), and every step's latents are stored in the `trajectory` column (`prefpipe.core.trajectory`).
+- Flow-matching models (SD3/SD3.5, FLUX.1) sample with their own FlowMatchEulerDiscreteScheduler; `guidance` is
+  the pipeline's `guidance_scale` (FLUX.1-dev: the distilled guidance fed to its guidance embedding), and
+  `max_sequence_length` the T5 prompt length. `--trajectories` refuses them (see `check_flow_options`).
 """
 
 from __future__ import annotations
@@ -69,16 +72,66 @@ class SamplingOptions:
     """How each image is sampled: the options generate, eval and the D3PO rounds share (one definition)."""
 
     steps: int | None = option(None, "Denoising steps [default: the pipeline's].", min=1)
-    guidance: float | None = option(None, "Classifier-free guidance scale [default: the pipeline's].")
+    guidance: float | None = option(
+        None, "Guidance scale: classifier-free for SD/SDXL/SD3; FLUX.1-dev's distilled guidance (its guidance "
+        "embedding; FLUX.1-schnell ignores it) [default: the pipeline's].")
     size: str | None = option(None, "WIDTH or WIDTHxHEIGHT in pixels [default: the model's native size].")
     seed: int = option(0, "Run seed; image seeds derive from (seed, prompt_id, candidate).")
     negative_prompt: str | None = option(None, "Negative prompt for every image.")
-    dtype: DtypeName = option("auto", "auto: fp16 on GPU, fp32 on CPU.")
-    scheduler: SchedulerName | None = option(None, "Sampler [default: the model's own].")
+    dtype: DtypeName = option("auto", "auto: fp16 on GPU (bf16 for SD3/FLUX), fp32 on CPU.")
+    scheduler: SchedulerName | None = option(None, "Sampler [default: the model's own; SD3/FLUX: only euler].")
+    max_sequence_length: int | None = option(
+        None, "T5 tokens per prompt, SD3 and FLUX only [default: the pipeline's: 256 SD3, 512 FLUX].", min=1)
 
 
 # SamplingOptions' fields in the order commands list them
-GENERATION_ORDER = ("steps", "guidance", "size", "seed", "negative_prompt", "dtype", "scheduler")
+GENERATION_ORDER = ("steps", "guidance", "size", "seed", "negative_prompt", "dtype", "scheduler", "max_sequence_length")
+FLUX_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline refuses longer T5 prompts
+
+
+def check_flow_options(opts: GenerateOptions, family: str | None, model: str) -> None:
+    """Refuse what a flow-matching model (family `sd3`/`flux`) cannot do, before any image is made.
+
+    `--trajectories` (D3PO) records DDIM steps and replays their Gaussian log-probability
+    N(x_{t-1}; mu_theta(x_t), sigma_t^2); the flow models' sampler is a deterministic ODE (Euler on the velocity),
+    whose steps have no such density. Flow-GRPO's SDE counterpart of the flow ODE would give one; prefpipe does not
+    implement it, so D3PO is refused and flow models train with Diffusion-DPO on pairs (Flow-DPO).
+    """
+    from prefpipe.models import FLOW_FAMILIES, check_flow_scheduler
+
+    if family not in FLOW_FAMILIES:
+        if opts.max_sequence_length is not None and family is not None:
+            raise PrefpipeError(
+                f"--max-sequence-length: {model} has no T5 text encoder (only SD3 and FLUX.1 do); drop the option")
+        return
+    if opts.trajectories:
+        raise PrefpipeError(
+            f"--trajectories: {model} is a flow-matching model ({family}); D3PO replays the Gaussian "
+            "log-probability of DDIM's stochastic steps, and a flow model's FlowMatch Euler sampler is a "
+            "deterministic ODE with no such probability. D3PO is not available for SD3/FLUX: generate without "
+            "--trajectories, label, and train with Diffusion-DPO on the pairs."
+        )
+    check_flow_scheduler(opts.scheduler, model)
+    if opts.eta is not None:
+        raise PrefpipeError(f"--eta: {model} is a flow-matching model ({family}); its sampler has no eta")
+    if family == "flux" and opts.negative_prompt is not None:
+        raise PrefpipeError(
+            f"--negative-prompt: {model} is FLUX.1, guidance-distilled: it runs without classifier-free guidance, "
+            "so a negative prompt would be ignored; drop it (use --guidance for FLUX.1-dev's distilled guidance)"
+        )
+    if family == "flux" and (opts.max_sequence_length or 0) > FLUX_MAX_SEQUENCE_LENGTH:
+        raise PrefpipeError(
+            f"--max-sequence-length {opts.max_sequence_length}: FLUX.1 reads at most {FLUX_MAX_SEQUENCE_LENGTH} T5 tokens")
+    check_flow_size(parse_size(opts.size), family, f"--size {opts.size}")
+
+
+def check_flow_size(size: tuple[int, int] | None, family: str | None, what: str) -> None:
+    """SD3 and FLUX.1 images are multiples of 16 pixels (the VAE's x8, then 2x2 latent patches)."""
+    from prefpipe.models import FLOW_FAMILIES
+
+    if family in FLOW_FAMILIES and size is not None and (size[0] % 16 or size[1] % 16):
+        raise PrefpipeError(f"{what}: {family} models need width and height in multiples of 16 pixels "
+                            "(VAE x8, then 2x2 latent patches); pass --size")
 
 
 @dataclass(kw_only=True)
@@ -155,9 +208,11 @@ def generate(
     if opts.eta is not None and opts.eta < 0:
         raise PrefpipeError(f"--eta {opts.eta}: must be >= 0")
     ps = read_prompts(prompts, limit=opts.limit)
-    from prefpipe.models import resolve_model
+    from prefpipe.models import model_family, model_family_of, resolve_model
 
     resolve_model(opts.model)  # a wrong path stops here, before anything is written
+    # what the model cannot do stops here too (from its model_index.json; again below on the loaded pipeline)
+    check_flow_options(opts, model_family(pipe) if pipe is not None else model_family_of(opts.model), opts.model)
     n_units = -(-len(ps) // opts.prompts_per_shard)
     rank, world = rank_world()
     ds = ShardedDataset(
@@ -185,6 +240,7 @@ def generate(
             opts.model, dtype=opts.dtype, device=device, offload=offload,
             scheduler="ddim" if opts.trajectories else opts.scheduler, lora=opts.lora, unet=opts.unet,
         )
+    check_flow_options(opts, model_family(pipe), opts.model)
     if opts.trajectories:
         from prefpipe.models import set_scheduler
 
@@ -196,9 +252,15 @@ def generate(
     if opts.negative_prompt is not None and "negative_prompt" not in defaults:
         raise PrefpipeError(f"--negative-prompt: {type(pipe).__name__} takes no negative prompt")
     if size is None:
-        side = pipe.unet.config.sample_size * pipe.vae_scale_factor if hasattr(pipe, "unet") else None
-        size = (side, side) if side else None
+        from prefpipe.models import native_size
+
+        size = native_size(pipe)
+        check_flow_size(size, model_family(pipe), f"{opts.model}: native size {size}")
     call = {"num_inference_steps": steps, "output_type": "pil"}
+    if opts.max_sequence_length is not None:
+        if "max_sequence_length" not in defaults:
+            raise PrefpipeError(f"--max-sequence-length: {type(pipe).__name__} has no T5 text encoder; drop the option")
+        call["max_sequence_length"] = opts.max_sequence_length
     if "guidance_scale" in defaults:
         call["guidance_scale"] = guidance
     if size is not None and "height" in defaults:

@@ -11,7 +11,9 @@ as **mean and log-variance** (like diffusers' `latent_dist`), so training still 
 reference trainers do (`latent_dist.sample()`), with each pair's own generator; with `random_flip` it
 stores both orientations (flipping latents is not flipping pixels), doubling the latent storage. Text
 embeddings are stored once per distinct caption within a unit. Storage dtype is float16 for everything
-(2 images x (mean + logvar) x 4 x 128 x 128 x 2 bytes = 512 KiB per SDXL pair at 1024 px). Rows are
+(2 images x (mean + logvar) x 4 x 128 x 128 x 2 bytes = 512 KiB per SDXL pair at 1024 px), except SD3/FLUX text
+embeddings, kept in the training dtype (`text_store_dtype`; SD3.5: (77 + 256) x 4096 x 2 bytes = 2.6 MiB per
+caption in bf16, FLUX: 512 x 4096 x 2 = 4 MiB; their 16-channel latents: 2 MiB per pair at 1024 px). Rows are
 decoded and encoded `chunk` at a time; a unit's tensors are held until its file is written. The
 on-the-fly path (`no_cache`) runs the same functions and rounds to the same dtype, so both paths feed the
 loop the same inputs (up to the float rounding of a different encoding batch).
@@ -35,6 +37,12 @@ from trainer.conditioning import PromptEmbeds, TextConditioner
 from trainer.data.rows import RowScan, Unit, crop_rng, prepare_pair, scan_unit
 
 STORE_DTYPE = torch.float16  # cache storage; the on-the-fly path rounds to it too
+
+
+def text_store_dtype(family: str, dtype: torch.dtype) -> torch.dtype:
+    """The stored dtype of text embeddings: float16, except for SD3/FLUX, whose T5 embeddings are kept in the
+    training dtype `dtype` (T5's activations overflow float16; 4096 x L per caption: 2 MiB at L = 256 in bf16)."""
+    return dtype if family in ("sd3", "flux") else STORE_DTYPE
 CACHE_FORMAT = 1
 
 
@@ -75,8 +83,9 @@ class Encoders:
     def captions(self, captions: list[str]) -> PromptEmbeds:
         """Distinct captions -> embeddings ``(U, 77, D)`` (+ pooled ``(U, P)``) in STORE_DTYPE, on the CPU."""
         parts = [self.text.encode(captions[i : i + self.batch_size]) for i in range(0, len(captions), self.batch_size)]
-        pe = torch.cat([p.prompt_embeds for p in parts]).to("cpu", STORE_DTYPE)
-        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts]).to("cpu", STORE_DTYPE)
+        dtype = text_store_dtype(self.text.family, self.text.dtype)
+        pe = torch.cat([p.prompt_embeds for p in parts]).to("cpu", dtype)
+        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts]).to("cpu", dtype)
         return PromptEmbeds(pe, pooled)
 
 
@@ -158,7 +167,8 @@ def model_identity(model: str, vae: str | None) -> dict[str, Any]:
             root = Path(path).resolve()
             ident[name] = str(root)
             files = []
-            for sub in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "."):
+            for sub in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
+                        "tokenizer_3", "."):
                 d = root / sub
                 if d.is_dir():
                     for f in sorted(d.iterdir()):
@@ -189,6 +199,10 @@ class PairCache:
     def is_done(self, unit: int) -> bool:
         return self.path(unit).exists()
 
+    def size_bytes(self) -> int:
+        """Bytes of the cache folder's files (units, context, description)."""
+        return sum(f.stat().st_size for f in self.folder.iterdir() if f.is_file()) if self.folder.is_dir() else 0
+
     def write(self, unit: int, tensors: dict[str, Tensor], scan: RowScan) -> None:
         from safetensors.torch import save_file
 
@@ -205,9 +219,10 @@ class PairCache:
 
         description = {"format": CACHE_FORMAT, "n_units": self.n_units, **self.parts}
         write_atomic(self.folder / "cache.json", json.dumps(description, indent=2, default=str))
-        tensors = {"empty_prompt_embeds": empty.prompt_embeds.to("cpu", STORE_DTYPE).contiguous()}
+        dtype = text_store_dtype(family, empty.prompt_embeds.dtype)
+        tensors = {"empty_prompt_embeds": empty.prompt_embeds.to("cpu", dtype).contiguous()}
         if empty.pooled is not None:
-            tensors["empty_pooled"] = empty.pooled.to("cpu", STORE_DTYPE).contiguous()
+            tensors["empty_pooled"] = empty.pooled.to("cpu", dtype).contiguous()
         meta = {"scaling_factor": repr(spec.scaling_factor), "shift_factor": repr(spec.shift_factor), "family": family}
         with atomic_output(self.folder / "context.safetensors") as tmp:
             save_file(tensors, str(tmp), metadata=meta)

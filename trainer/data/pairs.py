@@ -22,13 +22,13 @@ from prefpipe.core.errors import PrefpipeError
 from prefpipe.core.identity import fingerprint
 from trainer.conditioning import PromptEmbeds, time_ids
 from trainer.data.cache import (
-    STORE_DTYPE,
     Encoders,
     LatentSpec,
     PairCache,
     cache_entry,
     encode_scan,
     encode_unit,
+    text_store_dtype,
 )
 from trainer.data.rows import RowScan, Unit, log_bad_row, read_unit, reset_bad_row_log, scan_unit
 
@@ -138,8 +138,9 @@ class PairData:
         self.units = units
         self.latent_spec = latent_spec
         self.resolution = resolution
-        self.empty = PromptEmbeds(empty.prompt_embeds.to("cpu", STORE_DTYPE),
-                                  None if empty.pooled is None else empty.pooled.to("cpu", STORE_DTYPE))
+        dtype = text_store_dtype(family, empty.prompt_embeds.dtype)
+        self.empty = PromptEmbeds(empty.prompt_embeds.to("cpu", dtype),
+                                  None if empty.pooled is None else empty.pooled.to("cpu", dtype))
         self.cache, self.encoders, self.scans = cache, encoders, scans
         self.random_crop, self.seed, self.family = random_crop, seed, family
         self.caption_dropout = caption_dropout

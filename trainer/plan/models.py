@@ -7,9 +7,8 @@ folder or the hub's config files; a config-only folder is enough), made trainabl
 (random values) to measure. CPU, not a faked CUDA device: a faked CUDA device fails in backward without a GPU;
 CUDA's autocast lists are imitated instead (`trainer.plan.trace.cuda_autocast`).
 
-Architectures: the denoiser is a diffusers `UNet2DConditionModel` (SD 1.x/2.x, SDXL) conditioned as
-`trainer.conditioning` says. A flow transformer (SD3, Flux) would add an entry to :data:`DENOISERS` (its
-component name and class) and its conditioning shapes to :func:`batch_shapes`, once the trainer trains one.
+Architectures: the denoiser is a diffusers `UNet2DConditionModel` (SD 1.x/2.x, SDXL) or a flow transformer
+(`SD3Transformer2DModel`, `FluxTransformer2DModel`), conditioned as `trainer.conditioning` says.
 """
 
 from __future__ import annotations
@@ -24,21 +23,32 @@ from prefpipe.core.errors import PrefpipeError
 from prefpipe.models import component_config, quiet_libraries
 
 # model_index.json component -> the diffusers class the trainer knows how to condition
-DENOISERS = {"unet": "UNet2DConditionModel"}
+DENOISERS = {"unet": ("UNet2DConditionModel",), "transformer": ("SD3Transformer2DModel", "FluxTransformer2DModel")}
+FLOW_CLASSES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
 
 
 def model_index(model: str) -> dict:
     return component_config(model, "model_index")
 
 
+def denoiser_name(model: str) -> str:
+    """`unet` or `transformer`: the pipeline's denoising component."""
+    return "transformer" if "transformer" in model_index(model) else "unet"
+
+
 def plan_family(model: str) -> str:
-    """`sdxl` or `sd15` from the pipeline's component names (as `prefpipe.models.model_family`), or a message."""
+    """`sdxl`, `sd15`, `sd3` or `flux` from the pipeline's components (as `prefpipe.models.model_family`), or a
+    message."""
     index = model_index(model)
-    denoiser = index.get("unet")
-    if not denoiser or denoiser[-1] not in DENOISERS.values():
+    name = denoiser_name(model)
+    denoiser = index.get(name)
+    if not denoiser or denoiser[-1] not in DENOISERS[name]:
         found = {k: v[-1] for k, v in index.items() if isinstance(v, list) and k in ("unet", "transformer")}
-        raise PrefpipeError(f"--model {model}: the planner knows UNet2DConditionModel pipelines (SD 1.x/2.x, SDXL); "
-                            f"this one has {found or 'no denoiser'} (see trainer/plan/models.py to add one)")
+        raise PrefpipeError(f"--model {model}: the planner knows UNet2DConditionModel (SD 1.x/2.x, SDXL), "
+                            f"SD3Transformer2DModel and FluxTransformer2DModel pipelines; this one has "
+                            f"{found or 'no denoiser'} (see trainer/plan/models.py to add one)")
+    if name == "transformer":
+        return FLOW_CLASSES[denoiser[-1]]
     if "text_encoder_2" in index:
         return "sdxl"
     if "text_encoder" in index:
@@ -67,12 +77,16 @@ class BatchShapes:
     resolution: int
     latent: tuple[int, int, int]  # (C, h, w)
     text: tuple[int, int]  # (tokens, D): encoder_hidden_states
-    pooled: int | None  # SDXL's text_embeds width
+    pooled: int | None  # SDXL's text_embeds width, SD3/FLUX's pooled projections
     time_ids: bool  # SDXL micro-conditioning
     vae_scale: int
+    t5_tokens: int = 0  # SD3/FLUX: T5 tokens per caption
 
 
-def batch_shapes(model: str, vae: str | None, resolution: int | None) -> BatchShapes:
+def batch_shapes(model: str, vae: str | None, resolution: int | None, max_sequence_length: int | None = None
+                 ) -> BatchShapes:
+    if denoiser_name(model) == "transformer":
+        return flow_shapes(model, vae, resolution, max_sequence_length)
     unet = component_config(model, "unet")
     vae_cfg = component_config(vae or model, "vae")
     scale = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
@@ -87,17 +101,37 @@ def batch_shapes(model: str, vae: str | None, resolution: int | None) -> BatchSh
                        (tokens, int(unet["cross_attention_dim"])), pooled, sdxl, scale)
 
 
+def flow_shapes(model: str, vae: str | None, resolution: int | None, max_sequence_length: int | None) -> BatchShapes:
+    """SD3: ``(77 + L, joint_attention_dim)`` text, pooled ``pooled_projection_dim``; FLUX: ``(L, joint_attention_dim)``,
+    pooled ``pooled_projection_dim``; latents ``(16, R/8, R/8)`` (see `trainer.conditioning`)."""
+    from trainer.conditioning import T5_LENGTH
+
+    config = component_config(model, "transformer")
+    family = plan_family(model)
+    vae_cfg = component_config(vae or model, "vae")
+    scale = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    res = resolution or int(config.get("sample_size", 128)) * scale
+    tokens = max_sequence_length or T5_LENGTH[family]
+    channels = int(vae_cfg.get("latent_channels", 16))
+    text = (77 + tokens if family == "sd3" else tokens, int(config["joint_attention_dim"]))
+    return BatchShapes(res, (channels, res // scale, res // scale), text, int(config["pooled_projection_dim"]), False,
+                       scale, tokens)
+
+
 def text_encoder_names(model: str) -> list[str]:
     return [name for name in model_index(model) if name.startswith("text_encoder")]
 
 
 def build_unet(model: str):
-    """The UNet on the meta device, float32, from its config."""
-    from diffusers import UNet2DConditionModel
+    """The denoiser (UNet or flow transformer) on the meta device, float32, from its config."""
+    import diffusers
 
     quiet_libraries()
+    name = denoiser_name(model)
+    config = component_config(model, name)
+    cls = getattr(diffusers, config.get("_class_name") or DENOISERS[name][0])
     with torch.device("meta"):
-        return UNet2DConditionModel.from_config(component_config(model, "unet"))
+        return cls.from_config(config)
 
 
 def build_vae(model: str, vae: str | None):

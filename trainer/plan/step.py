@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from trainer.config import TrainConfig, hyperparameters
+from trainer.flow import FLOW_FAMILIES, FlowMatching
 from trainer.losses import Objective, get_objective
 from trainer.plan.models import (
     BatchShapes,
@@ -88,6 +89,8 @@ class Prepared(torch.nn.Module):
     def forward(self, *args, **kwargs):
         with PlanAccelerator(self.dtype, self.device_type).autocast():
             out = self.module(*args, **kwargs)
+        if isinstance(out, tuple):  # a flow transformer called with return_dict=False
+            return tuple(o.float() for o in out)
         return type(out)(sample=out.sample.float())
 
 
@@ -116,7 +119,7 @@ def build_models(cfg: TrainConfig, tracer: StepTracer, fake_mode=None) -> StepMo
     objective = get_objective(cfg.objective)
     hyper = hyperparameters(objective, cfg)
     family = plan_family(cfg.model)
-    shapes = batch_shapes(cfg.model, cfg.vae, cfg.resolution)
+    shapes = batch_shapes(cfg.model, cfg.vae, cfg.resolution, cfg.max_sequence_length)
     dtype = weight_dtype(cfg)
     with preserved_rng():
         unet, ref_unet, params = prepare_unet(build_unet(cfg.model), dataclasses.replace(cfg, init_from=None),
@@ -132,7 +135,13 @@ def build_models(cfg: TrainConfig, tracer: StepTracer, fake_mode=None) -> StepMo
         if module is not None:
             materialize(module, fake_mode, seed=cfg.seed)
     params = [p for p in unet.parameters() if p.requires_grad]
-    scheduler = DDPMScheduler.from_config({k: v for k, v in scheduler_config(cfg.model).items() if not k.startswith("_")})
+    if family in FLOW_FAMILIES:  # the run's FlowMatching (trainer/recipes/dpo.py's flow_matching)
+        config = scheduler_config(cfg.model)
+        scheduler = FlowMatching(family, scheme=cfg.weighting_scheme, shift=FlowMatching.default_shift(config),
+                                 guidance=cfg.guidance if getattr(unet.config, "guidance_embeds", False) else None)
+    else:
+        scheduler = DDPMScheduler.from_config({k: v for k, v in scheduler_config(cfg.model).items()
+                                               if not k.startswith("_")})
     return StepModels(unet, ref_unet, params, vae, encoders, shapes, family, dtype, objective, hyper, scheduler)
 
 
@@ -188,23 +197,27 @@ def encode_live(cfg: TrainConfig, m: StepModels, tracer: StepTracer, device: tor
                 del pixels, dist
         with tracer.phase("activations", "text encoders", "text encode", "text encoders"):
             for start in range(0, b, cfg.encode_batch_size):
-                ids = torch.zeros(min(cfg.encode_batch_size, b - start), s.text[0], dtype=torch.long, device=device)
+                n = min(cfg.encode_batch_size, b - start)
                 for enc in m.text_encoders:
-                    out = enc(ids, output_hidden_states=m.family == "sdxl")
-                    del out
+                    t5 = type(enc).__name__.startswith("T5")
+                    tokens = s.t5_tokens if t5 else (77 if m.family in FLOW_FAMILIES else s.text[0])
+                    ids = torch.zeros(n, tokens, dtype=torch.long, device=device)
+                    out = enc(ids) if t5 else enc(ids, output_hidden_states=m.family in ("sdxl", "sd3"))
+                    del out, ids
 
 
 def make_batch(cfg: TrainConfig, m: StepModels):
     """A micro-batch as `PairData.batch` gives it (latents float32, embeddings in the cache's float16)."""
     from trainer.conditioning import PromptEmbeds
-    from trainer.data.cache import STORE_DTYPE
+    from trainer.data.cache import text_store_dtype
     from trainer.data.pairs import PairBatch
 
     b, s = cfg.batch_size, m.shapes
-    pooled = torch.zeros(b, s.pooled, dtype=STORE_DTYPE) if s.pooled else None
+    store = text_store_dtype(m.family, m.dtype)
+    pooled = torch.zeros(b, s.pooled, dtype=store) if s.pooled else None
     tids = (lambda: torch.zeros(b, 6)) if s.time_ids else (lambda: None)
     return PairBatch(torch.zeros(b, *s.latent), torch.zeros(b, *s.latent),
-                     PromptEmbeds(torch.zeros(b, *s.text, dtype=STORE_DTYPE), pooled), tids(), tids(),
+                     PromptEmbeds(torch.zeros(b, *s.text, dtype=store), pooled), tids(), tids(),
                      torch.ones(b), [str(i) for i in range(b)])
 
 

@@ -132,6 +132,7 @@ def train_d3po(cfg: TrainConfig, objective: Objective, *, on_steps_start: Callab
                ) -> dict[str, Any]:
     """Run (or resume) one D3PO training run (`prefpipe train --objective d3po`); the summary as `train`'s."""
     # ---- 1. options, preferences and their trajectories (no model needed) -----------------------------
+    refuse_flow_model(cfg.model)
     if not cfg.candidates:
         raise PrefpipeError(
             "--objective d3po trains on recorded sampler trajectories: give --candidates DIR (`prefpipe generate "
@@ -240,3 +241,20 @@ def train_d3po(cfg: TrainConfig, objective: Objective, *, on_steps_start: Callab
     exported = finish_run(run, unet, family)
     return run_summary(run, max_steps, start_step, wall, last, data.counts, state, exported,
                        SUMMARY_METRICS + (("clip_frac", "clip frac", ".3f"),))
+
+
+def refuse_flow_model(model: str) -> None:
+    """D3PO needs the sampler's per-step log-probabilities: refuse a flow-matching (transformer) pipeline."""
+    from prefpipe.models import component_config
+
+    try:
+        index = component_config(model, "model_index")
+    except PrefpipeError:  # not readable here: loading the model says why, later
+        return
+    if "transformer" in index:
+        raise PrefpipeError(
+            f"--objective d3po: --model {model} is a flow-matching model (SD3.x / FLUX.1). D3PO trains on the "
+            "log-probabilities of recorded DDIM steps, which its deterministic flow (ODE) sampler does not have, and "
+            "Flow-GRPO's stochastic sampler with log-probabilities is not implemented here. Train it on pairs "
+            "instead: --objective dpo (Flow-DPO), sft, hinge or ipo"
+        )

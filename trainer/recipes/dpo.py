@@ -4,8 +4,10 @@ Reads top to bottom (torchtune style): check options -> run (accelerator, checkp
 (cache) -> UNet and reference -> optimizer -> resume -> print the plan -> steps -> export. No hooks beyond
 accelerate's own; the shared parts are `trainer/run.py`, `trainer/unet.py` and `trainer/steps.py`.
 
-Supports: SD 1.x/2.x and SDXL; epsilon and v-prediction; every denoising objective of
-`trainer/losses.py` by name (`dpo` default, `hinge`, `ipo`, `sft`), the recipe learning from the
+Supports: SD 1.x/2.x and SDXL (epsilon and v-prediction), SD3.x and FLUX.1 (flow matching, "Flow-DPO": the
+transformer in the UNet's place, see `trainer/flow.py`); every denoising objective of
+`trainer/losses.py` by name (`dpo` default, `hinge`, `ipo`, `sft`, `mapo` (no reference forward), `kto` (the
+pairs' per-image view: winners desirable, losers undesirable)), the recipe learning from the
 `Objective` entry whether it needs the loser and the reference; LoRA (reference = the same UNet with its
 adapters disabled, no second copy) or full fine-tuning (reference = a frozen copy in the weight dtype);
 mixed precision, gradient checkpointing, AdamW or Adafactor, warm-up and schedule, gradient accumulation;
@@ -38,6 +40,7 @@ from trainer.data import describe_drops
 from trainer.data.cache import Encoders, PairCache, model_identity
 from trainer.data.pairs import PairOrder, prepare_data
 from trainer.data.rows import PAIR_DROPS, list_units, sources_fingerprint
+from trainer.flow import FLOW_FAMILIES, FlowMatching
 from trainer.losses import Objective
 from trainer.run import (
     check_resumed_data,
@@ -98,7 +101,11 @@ def train_dpo(cfg: TrainConfig, objective: Objective, *, on_steps_start: Callabl
 
     vae_config = component_config(cfg.vae or cfg.model, "vae")
     vae_scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    resolution = cfg.resolution or int(component_config(cfg.model, "unet")["sample_size"]) * vae_scale
+    denoiser = "transformer" if "transformer" in component_config(cfg.model, "model_index") else "unet"
+    resolution = cfg.resolution or int(component_config(cfg.model, denoiser).get("sample_size", 128)) * vae_scale
+    if denoiser == "transformer" and resolution % (2 * vae_scale):
+        raise PrefpipeError(f"--resolution {resolution}: a flow transformer takes 2 x 2 latent patches, so the side "
+                            f"must be a multiple of {2 * vae_scale}")
     cache_parts = {
         "pairs": data_digest,
         **model_identity(cfg.model, cfg.vae),
@@ -107,6 +114,8 @@ def train_dpo(cfg: TrainConfig, objective: Objective, *, on_steps_start: Callabl
         "crop": f"random/{cfg.seed}" if cfg.random_crop else "center",
         "orientations": "both" if cfg.random_flip else "as stored",
     }
+    if denoiser == "transformer":  # T5 embeddings are cached in the training dtype (fp16 can overflow in T5)
+        cache_parts.update(text_dtype=cfg.mixed_precision, max_sequence_length=cfg.max_sequence_length)
     cache = None if cfg.no_cache else PairCache(cfg.cache_root(), cache_parts, len(units))
     encode = cache is None or not cache.complete()  # a complete cache needs neither the VAE nor the text encoders
 
@@ -116,7 +125,7 @@ def train_dpo(cfg: TrainConfig, objective: Objective, *, on_steps_start: Callabl
     encoders = text_encoder_names(cfg.model)
     pipe = load_pipeline(
         cfg.model, dtype="fp32", device="cpu",
-        dtypes={"unet": "fp32" if cfg.full else dtype_name, "vae": cfg.vae_dtype, **dict.fromkeys(encoders, dtype_name)},
+        dtypes={denoiser: "fp32" if cfg.full else dtype_name, "vae": cfg.vae_dtype, **dict.fromkeys(encoders, dtype_name)},
         without=tuple(["vae"] if cfg.vae or not encode else []) + tuple([] if encode else encoders),
     )
     family = model_family(pipe)
@@ -125,12 +134,16 @@ def train_dpo(cfg: TrainConfig, objective: Objective, *, on_steps_start: Callabl
         vae_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.vae_dtype]
         vae = load_vae(cfg.vae) if cfg.vae else pipe.vae
         vae.requires_grad_(False).eval().to(device, vae_dtype)
-        text = TextConditioner(pipe, device, dtype=dtype)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise PrefpipeError(f"--model {cfg.model}: prediction_type {prediction_type!r}; epsilon or v_prediction only")
-    unet = pipe.unet
+        text = TextConditioner(pipe, device, dtype=dtype, max_sequence_length=cfg.max_sequence_length)
+    if family in FLOW_FAMILIES:
+        noise_scheduler = flow_matching(cfg, family, pipe)
+        prediction_type = "flow-matching velocity"
+    else:
+        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        prediction_type = noise_scheduler.config.prediction_type
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise PrefpipeError(f"--model {cfg.model}: prediction_type {prediction_type!r}; epsilon or v_prediction only")
+    unet = getattr(pipe, denoiser)
     del pipe
 
     # ---- 5. data: scan, encode into the cache (once per dataset/model/resolution/crop), index ----------
@@ -220,30 +233,53 @@ def objective_step(accelerator, unet, ref_unet, objective: Objective, hyper: dic
                     generators, device, weight_dtype):
     """Noise winner (and loser) with the same noise and timestep, predict, and apply the objective.
 
-    Returns the objective's ``(loss, metrics)``. Pair i draws its timestep, then its noise ``(4, h, w)``,
+    `noise_scheduler` says which process: a diffusers DDPM scheduler (UNet families: DDPM noising, the noise or
+    the velocity as target) or a :class:`trainer.flow.FlowMatching` (SD3, FLUX: ``x_t = (1 - sigma) x_0 +
+    sigma eps``, velocity target ``eps - x_0``, the family's transformer call). Returns the objective's
+    ``(loss, metrics)``. Pair i draws its timestep (flow: its density sample), then its noise ``(C, h, w)``,
     from `generators[i]`, after the draws :meth:`PairData.batch` made.
     """
     import torch
 
     from trainer.conditioning import unet_kwargs
+    from trainer.flow import FlowMatching, add_noise, velocity
 
     k = 2 if objective.needs_loser else 1
-    n_t = noise_scheduler.config.num_train_timesteps
-    timesteps = torch.cat([torch.randint(0, n_t, (1,), generator=g) for g in generators])
+    flow = isinstance(noise_scheduler, FlowMatching)
+    n_t = noise_scheduler.num_train_timesteps if flow else noise_scheduler.config.num_train_timesteps
+    if flow:
+        timesteps = noise_scheduler.draw_sigmas(generators)  # sigmas (B,)
+    else:
+        timesteps = torch.cat([torch.randint(0, n_t, (1,), generator=g) for g in generators])
     noise = torch.stack([torch.randn(batch.latents_w.shape[1:], generator=g) for g in generators])
     latents = torch.cat([batch.latents_w, batch.latents_l][:k]).to(device)
     noise, timesteps = noise.repeat(k, 1, 1, 1).to(device), timesteps.repeat(k).to(device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
     embeds = batch.embeds.to(device, weight_dtype)
     embeds = type(embeds)(embeds.prompt_embeds.repeat(k, 1, 1), None if embeds.pooled is None else embeds.pooled.repeat(k, 1))
-    tids = None if batch.time_ids_w is None else torch.cat([batch.time_ids_w, batch.time_ids_l][:k]).to(device, weight_dtype)
-    kwargs = unet_kwargs(embeds, tids)
-    pred = unet(noisy, timesteps, **kwargs).sample
+    if flow:
+        noisy, target = add_noise(latents, noise, timesteps), velocity(latents, noise)
+        # sigma_sqrt / cosmap weight each squared error by w(sigma): errors of sqrt(w) x (prediction - target)
+        root = noise_scheduler.loss_weight(timesteps).sqrt().reshape(-1, 1, 1, 1)
+        target = target * root
+
+        def denoise(model, x):
+            pred = noise_scheduler.predict(model, x, timesteps, embeds.prompt_embeds, embeds.pooled)
+            return pred * root.to(pred.dtype)
+    else:
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        if noise_scheduler.config.prediction_type == "v_prediction":
+            target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        tids = None if batch.time_ids_w is None else torch.cat([batch.time_ids_w, batch.time_ids_l][:k]).to(device, weight_dtype)
+        kwargs = unet_kwargs(embeds, tids)
+
+        def denoise(model, x):
+            return model(x, timesteps, **kwargs).sample
+    pred = denoise(unet, noisy)
     inputs: dict = dict(hyper)
+    if "num_train_timesteps" in inputs:  # MaPO's scale: the scheduler's, whatever the objective's default
+        inputs["num_train_timesteps"] = n_t
     pred_w, *pred_l = pred.chunk(k)
     target_w, *target_l = target.chunk(k)
     inputs.update(model_pred_w=pred_w, target_w=target_w)
@@ -252,17 +288,28 @@ def objective_step(accelerator, unet, ref_unet, objective: Objective, hyper: dic
     if objective.needs_reference:
         with torch.no_grad(), accelerator.autocast():
             if ref_unet is not None:
-                ref = ref_unet(noisy.to(weight_dtype), timesteps, **kwargs).sample
+                ref = denoise(ref_unet, noisy.to(weight_dtype))
             else:  # the same UNet with its adapters switched off: no second copy in memory
                 policy = accelerator.unwrap_model(unet)
                 with adapters_disabled(policy):
-                    ref = policy(noisy, timesteps, **kwargs).sample
+                    ref = denoise(policy, noisy)
         ref_w, *ref_l = ref.chunk(k)
         inputs.update(ref_pred_w=ref_w, **({"ref_pred_l": ref_l[0]} if ref_l else {}))
     weight = batch.weight.to(device)
     if not bool((weight == 1).all()):
         inputs["weight"] = weight
     return objective(**inputs)
+
+
+def flow_matching(cfg: TrainConfig, family: str, pipe) -> FlowMatching:
+    """The flow-matching step of an SD3/FLUX run: --weighting-scheme and --flow-shift (default: the scheduler's,
+    see `trainer/flow.py`), and --guidance when the transformer has a guidance embedding (FLUX.1-dev)."""
+    config = dict(pipe.scheduler.config)
+    guidance = cfg.guidance if getattr(pipe.transformer.config, "guidance_embeds", False) else None
+    return FlowMatching(family, scheme=cfg.weighting_scheme, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
+                        mode_scale=cfg.mode_scale,
+                        shift=cfg.flow_shift if cfg.flow_shift is not None else FlowMatching.default_shift(config),
+                        num_train_timesteps=int(config.get("num_train_timesteps", 1000)), guidance=guidance)
 
 
 def _log_main(msg: str) -> None:
@@ -290,19 +337,21 @@ def load_vae(vae: str):
 
 def memory_plan(cfg: TrainConfig, objective: Objective, n_train: int, n_unet: int, ref_unet, data, weight_dtype) -> str:
     dtype = str(weight_dtype).removeprefix("torch.")
+    net = "transformer" if data.family in FLOW_FAMILIES else "UNet"
     if cfg.full:
-        what = f"full UNet: {n_train:,} trainable params (fp32)"
+        what = f"full {net}: {n_train:,} trainable params (fp32)"
     else:
-        what = (f"LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {n_train:,} trainable of {n_unet:,} UNet params "
+        what = (f"LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {n_train:,} trainable of {n_unet:,} {net} params "
                 f"({100 * n_train / max(n_unet, 1):.2f}%), base in {dtype}")
     if not objective.needs_reference:
         ref = f"none ({cfg.objective} needs no reference)"
     elif ref_unet is not None:
-        ref = f"frozen UNet copy in {dtype} ({sum(p.numel() for p in ref_unet.parameters()):,} params)"
+        ref = f"frozen {net} copy in {dtype} ({sum(p.numel() for p in ref_unet.parameters()):,} params)"
     else:
-        ref = "the policy UNet with adapters disabled (no second UNet)"
+        ref = f"the policy {net} with adapters disabled (no second {net})"
     if data.cache is not None:
-        enc = (f"cached latents + text embeddings in {data.cache.folder} ({data.stats.get('units_encoded', 0)} units "
+        enc = (f"cached latents + text embeddings in {data.cache.folder} ({data.cache.size_bytes() / 2**20:.1f} MiB; "
+               f"{data.stats.get('units_encoded', 0)} units "
                f"encoded now, {data.stats.get('units_reused', 0)} reused); VAE and text encoders "
                + ("freed" if data.stats.get("encoders_loaded") else "not loaded (the cache was complete)"))
     else:

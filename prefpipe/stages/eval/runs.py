@@ -1,8 +1,9 @@
 """The models of an eval: the `--tuned` runs, and the one base pipeline they share to generate their candidates.
 
 - A `--tuned` RUN is a folder holding `pytorch_lora_weights.safetensors` (`trainer.export.LORA_FILE`, loaded
-  as a LoRA) or a UNet2DConditionModel (`RUN/unet/` or RUN itself, `prefpipe.models.unet_folder`, replacing
-  the base UNet). `NAME=RUN` names it; by default it is named after its folder.
+  as a LoRA by the pipeline's own `load_lora_weights`, SD3/FLUX.1 included) or a full run's denoiser
+  (`prefpipe.models.denoiser_folder`: a UNet2DConditionModel in `RUN/unet/`, an SD3/FLUX transformer in
+  `RUN/transformer/`, or RUN itself, replacing the base's). `NAME=RUN` names it; by default it is named after its folder.
 - The base pipeline is loaded once and shared: LoRA adapters are loaded and unloaded, UNets swapped in and
   back. Generation is the generate stage itself, so it resumes.
 """
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 import click
 
 from prefpipe.core.errors import PrefpipeError
-from prefpipe.models import unet_folder
+from prefpipe.models import denoiser_folder
 from trainer.export import LORA_FILE
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ def detect_run(path: str | Path) -> str:
     if not p.is_dir():
         raise PrefpipeError(f"--tuned {path}: give the run folder (holding {LORA_FILE} or unet/), not a file")
     has_lora = (p / LORA_FILE).is_file()
-    has_unet = unet_folder(p) is not None
+    has_unet = denoiser_folder(p) is not None
     if has_lora and has_unet:
         raise PrefpipeError(f"--tuned {path}: holds both {LORA_FILE} and a UNet; point at one of them")
     if has_lora:
@@ -63,7 +64,8 @@ def detect_run(path: str | Path) -> str:
     checkpoints = sorted(c.name for c in p.glob("checkpoint-*") if c.is_dir())
     hint = f" (it has {', '.join(checkpoints[:5])}: pass one of those)" if checkpoints else ""
     raise PrefpipeError(
-        f"--tuned {path}: neither {LORA_FILE} (a LoRA run) nor a UNet folder (unet/config.json) is there{hint}"
+        f"--tuned {path}: neither {LORA_FILE} (a LoRA run) nor a UNet or transformer folder "
+        f"(unet/config.json, transformer/config.json) is there{hint}"
     )
 
 
@@ -118,7 +120,8 @@ class SharedPipeline:
         self.model, self.dtype, self.device, self.scheduler = model, dtype, device, scheduler
         self.pipe = None
         self._lora = False
-        self._base_unet = None
+        self._base_unet = None  # the base's denoiser while a full run's is swapped in
+        self._component = "unet"  # ... and which component that is ("transformer" for SD3/FLUX.1)
 
     def use(self, run: TunedRun | None):
         if self.pipe is None:
@@ -134,10 +137,15 @@ class SharedPipeline:
                 raise PrefpipeError(f"--tuned {run.path}: could not load its LoRA into {self.model}: {e}") from e
             self._lora = True
         else:
-            from prefpipe.models import load_unet
+            from prefpipe.models import load_denoiser
 
-            unet = load_unet(unet_folder(run.path) or run.path, self.pipe.unet.dtype)
-            self._base_unet, self.pipe.unet = self.pipe.unet, unet.to(self.pipe.prefpipe_device)
+            folder, self._component = denoiser_folder(run.path) or (Path(run.path), "unet")
+            base = getattr(self.pipe, self._component, None)
+            if base is None:
+                raise PrefpipeError(f"--tuned {run.path}: holds a {self._component}, which {self.model} does not have")
+            denoiser = load_denoiser(folder, base.dtype).to(self.pipe.prefpipe_device)
+            self._base_unet = base
+            setattr(self.pipe, self._component, denoiser)
         return self.pipe
 
     def restore(self) -> None:
@@ -147,7 +155,8 @@ class SharedPipeline:
             self.pipe.unload_lora_weights()
             self._lora = False
         if self._base_unet is not None:
-            self.pipe.unet, self._base_unet = self._base_unet, None
+            setattr(self.pipe, self._component, self._base_unet)
+            self._base_unet = None
 
 
 def generate_all(
