@@ -1,10 +1,13 @@
 """Label-stage throughput: images/s per scorer, all scorers in one pass vs one pass per scorer, the stage
 against the scorers' bare forward (the model alone, on inputs prepared beforehand, at the same batch: the
 floor), and our HPSv2 against the `hpsv2` package's own per-image API on the same checkpoint (same process,
-same images). Everything alternates over `--rounds` rounds; the figures are the medians.
+same images). Everything alternates over `--rounds` rounds; the figures are the medians. Each model scorer's
+peak memory is measured in a process of its own (`--peak-memory NAME`): resident memory (RSS) after loading and
+at its peak while scoring, against the same process before loading; on a GPU also torch's peak allocation.
 
-    .venv/bin/python benchmarks/label.py                     # tiny checkpoints built here, CPU
+    .venv/bin/python benchmarks/label.py --batch-size 32     # tiny checkpoints built here, CPU
     .venv/bin/python benchmarks/label.py --real --images 512 # hub defaults, on a GPU (needs the hub)
+    .venv/bin/python benchmarks/label.py --scorers imagereward,hpsv3 --batch-size 32   # some scorers only
 
 Writes benchmarks/results/label.json.
 """
@@ -21,7 +24,50 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SCORERS = ["pickscore", "hpsv2", "clip", "aesthetic", "compressibility"]
+SCORERS = ["pickscore", "hpsv2", "imagereward", "hpsv3", "clip", "aesthetic", "compressibility"]
+
+
+def high_water_mark_mib() -> float:
+    """This process's peak RSS: Linux's VmHWM (reset by exec, unlike ru_maxrss, which a child started by
+    subprocess inherits from its parent's peak), else ru_maxrss."""
+    import resource
+
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_memory(name: str, weights: str | None, candidates: Path, batch_size: int) -> dict:
+    """In this (fresh) process: RSS before and after building scorer `name`, and the peak while it scores
+    every candidate at `batch_size`; on CUDA also torch's peak allocated bytes. MiB."""
+    import polars as pl
+    import psutil
+    import torch
+    from PIL import Image
+
+    from prefpipe.core.tables import parquet_files
+    from prefpipe.stages.scoring import load_scorers
+
+    df = pl.read_parquet(parquet_files(candidates))
+    images = [Image.open(io.BytesIO(b)).convert("RGB") for b in df["image"]]
+    mib = 2**20
+    before = psutil.Process().memory_info().rss / mib
+    (scorer,) = load_scorers([name], {name: weights} if weights else {}, batch_size=batch_size, device="auto")
+    loaded = psutil.Process().memory_info().rss / mib
+    t0 = time.perf_counter()
+    scorer.score(images, df["prompt"].to_list())
+    seconds = time.perf_counter() - t0
+    peak = high_water_mark_mib()
+    out = {"rss_before_mib": before, "rss_loaded_mib": loaded, "rss_peak_mib": peak,
+           "weights_rss_mib": loaded - before, "scoring_peak_over_before_mib": peak - before,
+           "images_per_s_one_pass": len(images) / seconds}
+    if torch.cuda.is_available():
+        out["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / mib
+    return out
 
 
 def drawn_candidates(folder: Path, n: int, side: int) -> Path:
@@ -59,7 +105,18 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--real", action="store_true", help="use the real hub checkpoints instead of tiny ones")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--scorers", default=",".join(SCORERS), help="comma-separated subset of " + ",".join(SCORERS))
+    ap.add_argument("--peak-memory", default=None, help=argparse.SUPPRESS)  # internal: NAME,WEIGHTS,CANDIDATES
     args = ap.parse_args()
+    if args.peak_memory:
+        name, weights, candidates = args.peak_memory.split(",")
+        print(json.dumps(peak_memory(name, weights or None, Path(candidates), args.batch_size)))
+        return
+    chosen = [s for s in args.scorers.split(",") if s]
+    unknown = sorted(set(chosen) - set(SCORERS))
+    if unknown:
+        ap.error(f"unknown --scorers {unknown}: choose among {SCORERS}")
+    SCORERS[:] = chosen  # the rest of this run reads the module list
     import statistics
 
     from prefpipe.stages.label import score_candidates
@@ -116,7 +173,7 @@ def main() -> None:
                              progress=False, scorers=[by_name[name]])
             one["per_scorer_s"][name] = time.perf_counter() - t0
         one["bare_forward_s"] = {name: bare_forward(by_name[name]) for name in SCORERS}
-        if ref_score is not None:  # HPSv2: ours (batched) against the reference package's per-image API
+        if ref_score is not None and "hpsv2" in SCORERS:  # HPSv2: ours (batched) against the reference package's per-image API
             t0 = time.perf_counter()
             for img, p in zip(images, prompts):
                 ref_score([img], p, cp=checkpoint, hps_version="v2.1")
@@ -140,14 +197,25 @@ def main() -> None:
     result["one_pass_speedup"] = med(sum(r["per_scorer_s"].values()) / r["all_in_one_pass_s"] for r in rounds)
     result["stage_vs_bare_forward_all_scorers"] = med(sum(r["bare_forward_s"].values()) / r["all_in_one_pass_s"]
                                                       for r in rounds)
-    if ref_score is not None:
+    import subprocess
+
+    result["peak_memory"] = {}
+    for name in SCORERS:
+        if name == "compressibility":
+            continue
+        proc = subprocess.run([sys.executable, __file__, "--batch-size", str(args.batch_size), "--peak-memory",
+                               f"{name},{weights.get(name, '')},{cands}"], capture_output=True, text=True)
+        result["peak_memory"][name] = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0
+                                       else f"failed: {proc.stderr[-500:]}")
+    result["batch_size"] = args.batch_size
+    if ref_score is not None and "hpsv2" in SCORERS:
         result["hpsv2_vs_reference_package"] = {
             "ours_images_per_s": n / med(r["hpsv2_ours_s"] for r in rounds),
             "reference_per_image_api_images_per_s": n / med(r["hpsv2_reference_s"] for r in rounds),
             "speedup": med(r["hpsv2_reference_s"] / r["hpsv2_ours_s"] for r in rounds),
         }
     else:
-        result["hpsv2_vs_reference_package"] = checkpoint
+        result["hpsv2_vs_reference_package"] = checkpoint if "hpsv2" in SCORERS else "not run (hpsv2 not in --scorers)"
 
     out = REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)

@@ -91,6 +91,7 @@ class AestheticScore(TorchScorer):
     """
 
     name = "aesthetic"
+    default_weights = DEFAULT_WEIGHTS
     higher_is_better = True
 
     def __init__(

@@ -82,6 +82,71 @@ def from_pretrained(cls, location: str, what: str, **kwargs):
         raise PrefpipeError(f"could not load {what} from {location!r}: {err}") from err
 
 
+class BaseScorer(ABC):
+    """The documented base of a scorer, built-in or plugin: what `prefpipe label --scorer NAME` relies on.
+
+    A subclass sets three class attributes and implements one method:
+
+        class Brightness(BaseScorer):
+            name = "brightness"            # the name it is registered under (entry point name for a plugin)
+            higher_is_better = True        # which way is preferred
+            default_weights = None         # hub id or path used when no --weights is given (None: no weights)
+
+            def score_batch(self, images, prompts):   # at most `batch_size` pairs -> B floats
+                return [np.asarray(im.convert("L")).mean() / 255 for im in images]
+
+    The constructor is called as `cls(weights=..., batch_size=..., device=..., dtype=...)` (`weights` None
+    means `default_weights`; `device`/`dtype` are the CLI's strings, "auto" and None by default) and sets
+    `self.weights` (where the weights are) and `self.version` (default: "NAME:WEIGHTS", or the class's
+    `version` attribute if it has one; it is recorded in every scores dataset, so make it identify the
+    weights). `score` checks the inputs, cuts them into batches and checks that each batch gives one finite
+    float per image. To register a plugin, name the class in the package's entry points:
+
+        [project.entry-points."prefpipe.scorers"]
+        brightness = "my_package.scorers:Brightness"
+
+    `prefpipe scorers` then lists it with the distribution and version that registered it.
+    """
+
+    name: str
+    version: str
+    higher_is_better: bool = True
+    default_weights: str | None = None
+
+    def __init__(self, weights: str | Path | None = None, batch_size: int = 32, device: str = "auto",
+                 dtype=None) -> None:
+        if batch_size < 1:
+            raise PrefpipeError(f"batch_size must be at least 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.device = device
+        self.dtype = dtype
+        chosen = weights if weights not in (None, "") else self.default_weights
+        self.weights = None if chosen is None else str(chosen)
+        if not hasattr(self, "version"):  # a class attribute `version` wins
+            self.version = f"{self.name}:{self.weights}" if self.weights else self.name
+
+    def score(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray:
+        """Score N (image, prompt) pairs -> float32 array of shape (N,)."""
+        check_inputs(images, prompts)
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            batch_images, batch_prompts = list(images[i : i + self.batch_size]), list(prompts[i : i + self.batch_size])
+            values = np.asarray(self.score_batch(batch_images, batch_prompts), dtype=np.float32).reshape(-1)
+            if values.shape != (len(batch_images),):
+                raise PrefpipeError(
+                    f"scorer {self.name!r} returned {values.size} scores for {len(batch_images)} images: "
+                    "score_batch must give one float per image"
+                )
+            if not np.isfinite(values).all():
+                raise PrefpipeError(f"scorer {self.name!r} returned a non-finite score (NaN or inf)")
+            out.append(values)
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+    @abstractmethod
+    def score_batch(self, images: list[Image.Image], prompts: list[str]):
+        """At most `batch_size` (image, prompt) pairs -> one float per pair (a sequence or array of length B)."""
+
+
 class TorchScorer(ABC):
     """Base of the model-backed scorers: resolves device/dtype and feeds the model `batch_size` pairs at a time.
 
@@ -94,6 +159,7 @@ class TorchScorer(ABC):
     name: str
     version: str
     higher_is_better: bool = True
+    default_weights: str | None = None  # hub id or path used when no weights are given
 
     def __init__(self, batch_size: int = 16, device: str = "auto", dtype=None) -> None:
         if batch_size < 1:

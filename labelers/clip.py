@@ -68,6 +68,7 @@ class ClipScore(TorchScorer):
     """
 
     name = "clip"
+    default_weights = DEFAULT_WEIGHTS
     higher_is_better = True
 
     def __init__(

@@ -132,6 +132,7 @@ class HPSv2(TorchScorer):
     """
 
     name = "hpsv2"
+    default_weights = DEFAULT_WEIGHTS
     higher_is_better = True
 
     def __init__(

@@ -34,6 +34,7 @@ class PickScore(TorchScorer):
     """
 
     name = "pickscore"
+    default_weights = DEFAULT_WEIGHTS
     higher_is_better = True
 
     def __init__(

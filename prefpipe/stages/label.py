@@ -316,7 +316,7 @@ def scorer_agreement(human: np.ndarray, diff: np.ndarray, split: np.ndarray) -> 
 # -- CLI --------------------------------------------------------------------------------------------
 @click.command()
 @click.option("--scorer", "scorers", multiple=True, required=True,
-              help="Scorer name (repeatable): pickscore, hpsv2, clip, aesthetic, compressibility, incompressibility.")
+              help="Scorer name (repeatable): pickscore, hpsv2, imagereward, hpsv3, clip, aesthetic, compressibility, incompressibility, or a plugin's (`prefpipe scorers` lists them).")
 @click.option("--weights", multiple=True, help="NAME=PATH_OR_HUB_ID: weights of a scorer (default: its real hub checkpoint).")
 @click.option("--candidates", type=click.Path(), default=None, help="Candidates dataset (from `prefpipe generate`).")
 @click.option("--pairs", "human_pairs", type=click.Path(), default=None, help="Relabel these (human) pairs instead of candidates.")
