@@ -7,9 +7,9 @@ entry which tensors to compute, so adding an objective never changes the loop.
 
 Two families:
 
-- **Offline, on denoising errors** (``dpo``, ``hinge``, ``ipo``, ``sft``): the loop noises the winner and
-  loser latents with the *same* noise and timestep, runs the policy (and, except for ``sft``, the frozen
-  reference) and passes predictions and the regression target. The target is whatever the scheduler's
+- **Offline, on denoising errors** (``dpo``, ``hinge``, ``ipo``, ``sft``, ``mapo``, ``kto``): the loop noises
+  the winner and loser latents with the *same* noise and timestep, runs the policy (and, except for ``sft``
+  and ``mapo``, the frozen reference) and passes predictions and the regression target. The target is whatever the scheduler's
   ``prediction_type`` regresses: the noise for ``epsilon``, ``scheduler.get_velocity(latents, noise, t)``
   for ``v_prediction``; these functions only see ``prediction - target``, so both work unchanged.
 - **Online, on sampler log-probabilities** (``d3po``): the loop replays recorded DDIM trajectories and
@@ -17,7 +17,9 @@ Two families:
 
 Formulas follow the reference implementations: Diffusion-DPO (Wallace et al. 2023,
 SalesforceAIResearch/DiffusionDPO ``train.py``; diffusers ``train_diffusion_dpo.py``), D3PO (Yang et al.
-2023, arXiv 2311.13231, yk7333/d3po ``scripts/train.py``) and DDPO's ``ddim_step_with_logprob``.
+2023, arXiv 2311.13231, yk7333/d3po ``scripts/train.py``), DDPO's ``ddim_step_with_logprob``, MaPO (Hong et
+al. 2024, mapo-t2i/mapo ``utils.py``: no reference) and Diffusion-KTO (Li et al. 2024, jacklishufan/diffusion-kto
+``train_kto_sd_v1.5.py``: per-image labels; on pairs, winners desirable and losers undesirable).
 """
 
 from __future__ import annotations
@@ -220,6 +222,155 @@ def sft_loss(model_pred_w: Tensor, target_w: Tensor, weight: Tensor | None = Non
     mse_w = denoising_mse(model_pred_w, target_w)
     loss = _weighted_mean(mse_w, weight)
     return loss, {"loss": loss.detach(), "mse_w": mse_w.mean().detach()}
+
+
+# --------------------------------------------------------------------------------------------------------
+# MaPO (no reference model) and Diffusion-KTO (per-image labels)
+# --------------------------------------------------------------------------------------------------------
+
+
+def mapo_score(mse: Tensor, snr_value: float) -> Tensor:
+    """MaPO's transform of a denoising error: ``s(m) = c m / (exp(c m) - 1)`` with ``c = snr_value``.
+
+    Decreasing in ``m`` (1 at ``m = 0``, where the quotient's limit is taken); the reference logs it as
+    "Win Score" / "Lose Score".
+    """
+    x = snr_value * mse
+    safe = torch.where(x == 0, torch.ones_like(x), x)
+    return torch.where(x == 0, torch.ones_like(x), safe / torch.expm1(safe))
+
+
+def mapo_loss(
+    model_pred_w: Tensor,
+    model_pred_l: Tensor,
+    target_w: Tensor,
+    target_l: Tensor,
+    beta: float = 0.1,
+    snr_value: float = 0.5,
+    num_train_timesteps: float = 1000.0,
+    weight: Tensor | None = None,
+) -> LossOutput:
+    """MaPO, margin-aware preference optimization (Hong et al. 2024): no reference model.
+
+    From mapo-t2i/mapo ``utils.py`` ``compute_loss`` (lines 286-301 at commit 374b3d3), defaults from its
+    ``args.py`` (``--beta_mapo 0.1``, ``--snr_value 0.5``); the scale is the scheduler's
+    ``config.num_train_timesteps`` (the recipe passes it). Shapes as :func:`diffusion_dpo_loss`. With
+    ``s(m) = c m / (exp(c m) - 1)`` (:func:`mapo_score`, ``c = snr_value``)::
+
+        log_odds = s(mse_w) - s(mse_l)
+        ratio    = logsigmoid(num_train_timesteps * log_odds)
+        loss     = mean_i mse_w_i  -  beta * mean_i ratio_i
+
+    The winner's plain denoising loss plus a margin that pushes the winner's error below the loser's.
+    ``weight``: optional ``(B,)``; the loss is then the weighted mean of ``mse_w_i - beta * ratio_i``
+    (equal to the above with no weight).
+
+    Metrics (unweighted means, detached): ``loss``; ``mse_w``, ``mse_l`` (the reference's
+    ``model_losses_w/l``); ``score_w``, ``score_l`` ("Win/Lose Score"); ``ratio_loss``: ``-beta * mean
+    ratio`` (the reference's "OR loss"); ``reward_margin``: mean ``num_train_timesteps * log_odds``;
+    ``implicit_acc``: the margin accuracy, the fraction of pairs with ``log_odds > 0`` (exact ties 0.5).
+    """
+    mse_w = denoising_mse(model_pred_w, target_w)
+    mse_l = denoising_mse(model_pred_l, target_l)
+    score_w, score_l = mapo_score(mse_w, snr_value), mapo_score(mse_l, snr_value)
+    margin = num_train_timesteps * (score_w - score_l)
+    ratio_losses = beta * F.logsigmoid(margin)
+    loss = _weighted_mean(mse_w - ratio_losses, weight)
+    metrics = {
+        "loss": loss,
+        "mse_w": mse_w.mean(),
+        "mse_l": mse_l.mean(),
+        "score_w": score_w.mean(),
+        "score_l": score_l.mean(),
+        "ratio_loss": -ratio_losses.mean(),
+        "reward_margin": margin.mean(),
+        "implicit_acc": _implicit_accuracy(margin),
+    }
+    return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+def kto_image_loss(
+    model_pred: Tensor,
+    ref_pred: Tensor,
+    target: Tensor,
+    desirable: Tensor,
+    beta: float = 1000.0,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    weight: Tensor | None = None,
+) -> LossOutput:
+    """Diffusion-KTO (Li et al. 2024) on single images, each labelled desirable or undesirable.
+
+    From jacklishufan/diffusion-kto ``train_kto_sd_v1.5.py`` (lines 1394-1509 at commit 226bbd0), its
+    defaults: ``--loss kto --halo sigmoid --bce_offset none``, ``--beta_dpo 1000``, ``--lambda_d_kto 1``,
+    ``--lambda_u_kto 1``. model_pred, ref_pred, target: ``(N, C, H, W)``; desirable: ``(N,)`` bool or 0/1.
+    With per-image errors ``mse`` (policy) and ``ref_mse`` (reference, detached)::
+
+        g    = ref_mse - mse                          (policy minus reference log-likelihood, logp = -mse)
+        kl   = clamp(mean_n g_n, min=0), detached     (the batch's reference-KL estimate)
+        z    = sign * beta * (g - kl)                  sign = +1 desirable, -1 undesirable
+        loss = mean_n  w_n * (1 - sigmoid(z_n))        w = desirable_weight or undesirable_weight
+
+    The reference averages ``kl`` over processes (``accelerator.reduce``); here it is the micro-batch's
+    (the same with one process). ``weight``: optional ``(N,)`` per-image weight (weighted mean).
+
+    Metrics (detached): ``loss``; ``kl``; ``reward_desirable`` / ``reward_undesirable``: mean ``g - kl`` of
+    the desirable / undesirable images (the reference's ``diff_pos`` / ``diff_neg``; 0 when a class is
+    absent); ``implicit_acc``: fraction with ``z > 0`` (exact ties 0.5); ``mse``, ``ref_mse`` (means).
+    """
+    if desirable.ndim != 1 or desirable.shape[0] != model_pred.shape[0]:
+        raise ValueError(f"desirable must have shape ({model_pred.shape[0]},), got {tuple(desirable.shape)}")
+    mse = denoising_mse(model_pred, target)
+    ref_mse = denoising_mse(ref_pred.detach(), target)
+    good = desirable.to(device=mse.device).bool()
+    g = ref_mse - mse
+    kl = g.mean().detach().clamp(min=0)
+    centred = g - kl
+    sign = good.to(mse.dtype) * 2 - 1
+    z = sign * beta * centred
+    w_y = torch.where(good, torch.full_like(mse, desirable_weight), torch.full_like(mse, undesirable_weight))
+    loss = _weighted_mean(w_y * (1 - torch.sigmoid(z)), weight)
+
+    def class_mean(mask: Tensor) -> Tensor:
+        return (centred * mask).sum() / mask.sum().clamp(min=1)
+
+    metrics = {
+        "loss": loss,
+        "kl": kl,
+        "reward_desirable": class_mean(good.to(mse.dtype)),
+        "reward_undesirable": class_mean((~good).to(mse.dtype)),
+        "implicit_acc": _implicit_accuracy(z),
+        "mse": mse.mean(),
+        "ref_mse": ref_mse.mean(),
+    }
+    return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+def diffusion_kto_loss(
+    model_pred_w: Tensor,
+    model_pred_l: Tensor,
+    ref_pred_w: Tensor,
+    ref_pred_l: Tensor,
+    target_w: Tensor,
+    target_l: Tensor,
+    beta: float = 1000.0,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    weight: Tensor | None = None,
+) -> LossOutput:
+    """Diffusion-KTO on the per-image view of pairs: each winner one desirable image, each loser one
+    undesirable image (:func:`kto_image_loss` on the ``2B`` images, winners first; one batch-wide KL).
+
+    This is how the pairs recipe trains KTO without a data path of its own: the images of a pair share
+    noise and timestep as in DPO, but the loss never compares them. ``weight``: ``(B,)`` per pair, given
+    to both of its images. Metrics as :func:`kto_image_loss`.
+    """
+    desirable = torch.cat([torch.ones(len(model_pred_w), dtype=torch.bool), torch.zeros(len(model_pred_l), dtype=torch.bool)])
+    return kto_image_loss(
+        torch.cat([model_pred_w, model_pred_l]), torch.cat([ref_pred_w, ref_pred_l]), torch.cat([target_w, target_l]),
+        desirable.to(model_pred_w.device), beta=beta, desirable_weight=desirable_weight,
+        undesirable_weight=undesirable_weight, weight=None if weight is None else torch.cat([weight, weight]),
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -469,6 +620,8 @@ OBJECTIVES: dict[str, Objective] = {
     "hinge": Objective(diffusion_hinge_loss, "denoising", needs_loser=True, needs_reference=True),
     "ipo": Objective(diffusion_ipo_loss, "denoising", needs_loser=True, needs_reference=True),
     "sft": Objective(sft_loss, "denoising", needs_loser=False, needs_reference=False),
+    "mapo": Objective(mapo_loss, "denoising", needs_loser=True, needs_reference=False),
+    "kto": Objective(diffusion_kto_loss, "denoising", needs_loser=True, needs_reference=True),
     "d3po": Objective(d3po_loss, "log_prob", needs_loser=True, needs_reference=True),
 }
 

@@ -76,7 +76,24 @@ PAIRS = pa.schema(
     ]
 )
 
-SCHEMAS = {"candidates": CANDIDATES, "scores": SCORES, "pairs": PAIRS}
+# Per-image feedback (Diffusion-KTO): one row per labelled image, no image bytes. The image lives where its
+# keys say: a candidates dataset at (prompt_id, candidate), or a pairs dataset at (pairs_file, pairs_row, side).
+FEEDBACK = pa.schema(
+    [
+        pa.field("prompt_id", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("candidate", pa.int32()),  # from scores / thumbs: the candidate's index within its prompt
+        pa.field("image_uid", pa.string()),  # from pairs: image_0_uid / image_1_uid
+        pa.field("pairs_file", pa.string()),  # from pairs: the shard's file name ...
+        pa.field("pairs_row", pa.int64()),  # ... its row ...
+        pa.field("side", pa.int8()),  # ... and which image of the pair (0: jpg_0, 1: jpg_1)
+        pa.field("desirable", pa.bool_(), nullable=False),  # True desirable, False undesirable
+        pa.field("source", pa.string(), nullable=False),  # "pairs" | "scores" | "thumbs"
+        pa.field("score", pa.float32()),  # scores: the scorer's score; thumbs: the net votes (ups - downs)
+    ]
+)
+
+SCHEMAS = {"candidates": CANDIDATES, "scores": SCORES, "pairs": PAIRS, "feedback": FEEDBACK}
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
