@@ -54,6 +54,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# HPSv2's reference package, for the parity test only: the `hpsv2` wheel is broken offline and pins
 	# pytest 7.2 / protobuf 3.20, so install the fork that ships its BPE file, without its pins.
 	$(PY) -m pip install -q --no-deps hpsv2x==1.2.0 clint==0.5.1
+	# ImageReward's and HPSv3's reference packages, for their parity tests only: image-reward pins timm 0.6 /
+	# fairscale (whose sdist builds against the installed torch), hpsv3 pins transformers 4.45; both without pins.
+	$(PY) -m pip install -q --no-deps --no-build-isolation image-reward==1.5 fairscale==0.4.13 hpsv3==1.0.0
 	@touch $@
 
 # Two pytest workers, one test file each at a time (pytest-xdist): the demo chains train with one thread, so
@@ -246,6 +249,44 @@ $(FB_DIR)/eval/report.json: $(foreach a,$(FB_ARMS),$(FB_DIR)/runs/$(a)/.complete
 	$(PREFPIPE) eval --base $(MODEL) $(foreach a,$(FB_ARMS),--tuned $(a)=$(FB_DIR)/runs/$(a)) --prompts $(EVAL_PROMPTS) \
 	    $(FB_SCORER) --per-prompt $(EVAL_PER_PROMPT) --holdout $(FB_DIR)/pairs/ai --holdout $(FB_DIR)/pairs/human \
 	    --out $(FB_DIR)/eval $(FB_EVAL_ARGS)
+
+# ---- make demo-feedback-long: only the CLIP arm and its control (reversed pairs), by demo-feedback's own rules in
+# their own folder, with a stronger recipe: every pair of a prompt's 6 candidates (15, not 3 at random) and 5x
+# the steps (FBL_STEPS). The human pairs are made too (cheap): the eval holds them out. Issue 17's figures.
+FBL_DIR   ?= $(WORKDIR)/feedback-long
+FBL_STEPS ?= 500
+FBL_VARS   = FB_DIR=$(FBL_DIR) FB_ARMS="ai control" FB_LABEL_ARGS="--strategy all --no-progress" \
+             FB_TRAIN_ARGS="--beta 500 --learning-rate 2e-3 --lora-rank 8 --lora-targets attn,ff,conv \
+             --batch-size 32 --max-steps $(FBL_STEPS) --checkpoint-every 0 --no-progress"
+.PHONY: demo-feedback-long
+
+demo-feedback-long: install
+	$(MAKE) --no-print-directory -j2 demo-clip $(MODEL_DEP) $(PROMPTS_DEP) $(EVAL_PROMPTS_DEP)
+	OMP_NUM_THREADS=$(DEMO_GEN_THREADS) $(MAKE) --no-print-directory generate
+	$(MAKE) --no-print-directory -j2 $(FBL_VARS) $(FBL_DIR)/pairs/human/.complete \
+	    $(FBL_DIR)/runs/ai/.complete $(FBL_DIR)/runs/control/.complete
+	OMP_NUM_THREADS=$(DEMO_GEN_THREADS) $(MAKE) --no-print-directory $(FBL_VARS) $(FBL_DIR)/eval/report.json
+	$(PREFPIPE) demo-feedback-headline --eval $(FBL_DIR)/eval --clip-record $(CLIP_MODEL)/prefpipe_demo_clip.json \
+	    $(FB_HEADLINE_ARGS)
+
+# ---- make compare: DPO, MaPO, KTO and SFT side by side on make demo's base model and candidates, each trained on
+# the reward's pairs and on the control's (the opposite reward), with one budget of denoiser forwards
+# (demo-compare's --budget: DPO's 200 steps x 32 pairs x 4), the same seed and optimizer; one eval of all against
+# the base on the held-out prompts; one markdown table (COMPARE_DIR/table.md). prefpipe/demo/compare.py says
+# what is held equal and how the published defaults are scaled.
+COMPARE_DIR  ?= $(WORKDIR)/compare
+COMPARE_ARGS ?= --jobs 2 --threads $(DEMO_THREADS)
+.PHONY: compare
+
+compare: install
+	OMP_NUM_THREADS=$(DEMO_GEN_THREADS) $(MAKE) --no-print-directory generate $(EVAL_PROMPTS_DEP)
+	$(MAKE) --no-print-directory -j2 label SCORER=$(SCORER) label-control
+	$(PREFPIPE) demo-compare --model $(MODEL) --pairs $(LABELED)/pairs/ai --control-pairs $(WORKDIR)/label-$(CONTROL)/pairs/ai \
+	    --prompts $(EVAL_PROMPTS) --workdir $(COMPARE_DIR) --scorer $(SCORER) $(COMPARE_ARGS)
+
+.PHONY: label-control
+label-control:
+	$(MAKE) --no-print-directory label SCORER=$(CONTROL)
 
 clean:
 	rm -rf work .pytest_cache test-artifacts
