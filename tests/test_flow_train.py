@@ -332,13 +332,14 @@ def test_full_fine_tuning_writes_the_transformer_folder_and_d3po_is_refused(flow
 
 
 @pytest.mark.slow
-def test_generate_label_train_eval_chain_on_tiny_sd3(flow_models, tmp_path):
-    """The whole loop on a flow model, each stage through the `prefpipe` command as a user runs it."""
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_label_train_eval_chain(family, flow_models, tmp_path):
+    """The whole loop on each flow model, each stage through the `prefpipe` command as a user runs it."""
     import polars as pl
 
     from prefpipe.core.tables import parquet_files
 
-    model, work = flow_models["sd3"], tmp_path / "work"
+    model, work = flow_models[family], tmp_path / "work"
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red box\na blue circle\na green star\n")
     common = ["--steps", "2", "--size", "32", "--max-sequence-length", T5_TOKENS, "--device", "cpu", "--no-progress"]
@@ -400,3 +401,35 @@ def test_the_plan_of_a_flow_step_matches_the_step_measured_on_cpu(family, flow_m
     plan = plan_training(cfg, objective_step, granularity=1)
     assert plan.settings["family"] == family and plan.category("weights") > 0 and plan.total_flops > 0
     assert plan.peak == pytest.approx(measured_peak(cfg), rel=0.03)
+
+
+@pytest.mark.parametrize(("family", "objective"), [("sd3", "mapo"), ("flux", "kto")])
+def test_the_new_objectives_train_flow_models_through_the_same_registry(family, objective, flow_models, tmp_path):
+    """MaPO and KTO (trainer/losses.py) on velocity errors, through the real command: at step 0 the LoRA is
+    zero, so KTO's per-image reward and KL are 0 and its loss is 1 - sigmoid(0) = 0.5; MaPO has no reference and
+    its loss is the winner's error plus its margin term (`ratio_loss`), which the metrics give back; both finite."""
+    import polars as pl
+
+    from prefpipe.core.tables import parquet_files
+
+    work = tmp_path / "work"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red box\na blue circle\n")
+    run_cli("generate", "--model", flow_models[family], "--prompts", prompts, "--per-prompt", "3", "--out",
+            work / "candidates", "--steps", "2", "--size", "32", "--max-sequence-length", T5_TOKENS, "--device", "cpu",
+            "--no-progress")
+    run_cli("label", "--scorer", "compressibility", "--candidates", work / "candidates", "--out", work,
+            "--strategy", "all", "--no-progress")
+    assert pl.read_parquet(parquet_files(work / "pairs" / "ai")).height > 0
+    run = tmp_path / "run"
+    run_cli("train", "--model", flow_models[family], "--source", "ai", "--workdir", work, "--out", run,
+            "--objective", objective, "--resolution", "32", "--batch-size", "2", "--max-steps", "2",
+            "--learning-rate", "1e-3", "--max-sequence-length", T5_TOKENS, "--checkpoint-every", "0", "--no-progress")
+    metrics = _metrics(run)
+    assert len(metrics) == 2 and all(math.isfinite(m["loss"]) for m in metrics)
+    first = metrics[0]
+    if objective == "kto":
+        assert first["loss"] == pytest.approx(0.5, abs=1e-6) and first["kl"] == pytest.approx(0.0, abs=1e-9)
+    else:
+        assert "ref_mse_w" not in first and first["mse_w"] > 0
+        assert first["loss"] == pytest.approx(first["mse_w"] + first["ratio_loss"], rel=1e-5)
