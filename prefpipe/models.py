@@ -240,8 +240,12 @@ def model_family(pipe) -> str:
     SD3/SD3.5 (MMDiT transformer, two CLIP encoders and T5), `flux` for FLUX.1 (transformer, CLIP and T5), else
     `other`. Read from the pipeline's class and component names, so a pipeline loaded `without` its text
     encoders still says what it is."""
-    names = set(pipe.components)
-    family = family_of_class(type(pipe).__name__)
+    return family_of_components(type(pipe).__name__, set(pipe.components))
+
+
+def family_of_components(pipeline_class: str, names) -> str:
+    """The family from a pipeline's class name and component names (a pipeline's, or model_index.json's keys)."""
+    family = family_of_class(pipeline_class)
     if family in FLOW_FAMILIES and "transformer" in names:
         return family
     if "unet" not in names:
@@ -268,14 +272,7 @@ def model_family_of(model: str) -> str | None:
         index = component_config(model, "model_index")
     except (PrefpipeError, OSError, ValueError):
         return None
-    family = family_of_class(str(index.get("_class_name", "")))
-    if family:
-        return family
-    if "unet" not in index:
-        return "other"
-    if "text_encoder_2" in index:
-        return "sdxl"
-    return "sd15" if "text_encoder" in index else "other"
+    return family_of_components(str(index.get("_class_name", "")), set(index))
 
 
 def text_encoder_names(model: str) -> list[str]:
