@@ -383,7 +383,7 @@ def test_nonfinite_losses_skip_the_step_and_stop_the_run(tiny_sd15, pairs, tmp_p
         loss, metrics = diffusion_dpo_loss(**kw)
         return loss * float("nan"), metrics
 
-    monkeypatch.setattr(trainer.recipes, "get_objective", lambda name: Objective(nan_dpo, "denoising", True, True))
+    monkeypatch.setattr(trainer.recipes, "get_objective", lambda name, per_image=False: Objective(nan_dpo, "denoising", True, True))
     run = tmp_path / "nan"
     with pytest.raises(PrefpipeError, match=r"2 consecutive steps had a non-finite loss.*--beta.*--learning-rate.*precision"):
         train(_cfg(tiny_sd15, run, pairs, max_nonfinite=2, max_steps=5))

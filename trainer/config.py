@@ -53,6 +53,14 @@ class TrainConfig:
     )
     workdir: str = option(".", "Project work folder: --source reads WORKDIR/pairs/SOURCE; the default cache is WORKDIR/cache.")
     limit: int | None = option(None, "Use only the first N rows of the pairs (after concatenating the sources).", min=1)
+    feedback: tuple[str, ...] = option(
+        (), "kto: per-image feedback datasets (`prefpipe feedback`: desirable / undesirable images from scores, thumbs "
+        "or pairs) to train on image by image, instead of pairs; with --images (repeatable)."
+    )
+    images: str | None = option(
+        None, "kto --feedback: the dataset its rows point into: the candidates dataset (feedback from scores or thumbs) "
+        "or the pairs dataset the feedback was derived from (feedback from pairs)."
+    )
     candidates: str | None = option(
         None, "d3po: the trajectories dataset (`prefpipe generate --trajectories`) that the pairs or --labels refer to."
     )
@@ -64,7 +72,8 @@ class TrainConfig:
     # -- objective ---------------------------------------------------------------------------------------
     objective: Literal["dpo", "hinge", "ipo", "sft", "mapo", "kto", "d3po"] = option(
         "dpo", "Objective from trainer/losses.py: dpo (Diffusion-DPO), hinge, ipo, sft (winners only), mapo (MaPO: no "
-        "reference model), kto (Diffusion-KTO: winners desirable, losers undesirable); d3po needs trajectories."
+        "reference model), kto (Diffusion-KTO: winners desirable, losers undesirable, or per-image --feedback); d3po "
+        "needs trajectories."
     )
     beta: float | None = option(None, "KL strength of dpo/hinge/ipo/kto/d3po, margin weight of mapo [default: the objective's "
                                 "own, 5000 for dpo, 1000 for kto, 0.1 for mapo and d3po].")
@@ -179,7 +188,10 @@ class TrainConfig:
 
     # -- derived ----------------------------------------------------------------------------------------
     def pairs_paths(self) -> list[Path]:
-        """The pairs datasets to read, in order: every --source (WORKDIR/pairs/SOURCE), then every --pairs."""
+        """The pairs datasets to read, in order: every --source (WORKDIR/pairs/SOURCE), then every --pairs (with
+        --feedback: the feedback datasets)."""
+        if self.feedback:
+            return [Path(p) for p in self.feedback]
         paths = [Path(self.workdir) / "pairs" / s for s in self.source] + [Path(p) for p in self.pairs]
         if not paths:
             raise PrefpipeError("no training data: give --source ai|human (with --workdir) or --pairs PATH")
@@ -221,6 +233,17 @@ class TrainConfig:
             raise PrefpipeError(f"--lora-alpha {self.lora_alpha}: must be > 0")
         if self.step_fraction <= 0:
             raise PrefpipeError(f"--step-fraction {self.step_fraction}: must be > 0")
+        if self.feedback or self.images:
+            if self.objective != "kto":
+                raise PrefpipeError(f"--feedback (per-image labels) trains --objective kto, not {self.objective}")
+            if not self.feedback or not self.images:
+                raise PrefpipeError("--feedback and --images go together: the feedback rows (`prefpipe feedback`) and "
+                                    "the candidates or pairs dataset holding their images")
+            if self.source or self.pairs:
+                raise PrefpipeError("--feedback trains on per-image labels; --source/--pairs train on pairs: give one kind "
+                                    "(`prefpipe feedback --from pairs` turns pairs into per-image labels)")
+            if self.keep_ties != "skip":
+                raise PrefpipeError("--keep-ties is for pairs; per-image feedback has no ties (`prefpipe feedback --ties`)")
         if self.resolution is not None and self.resolution % 8:
             raise PrefpipeError(f"--resolution {self.resolution}: must be a multiple of 8 (the VAE downsamples by 8)")
 

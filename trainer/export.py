@@ -145,8 +145,9 @@ MODEL_CARD_TEMPLATE = """---
 
 # {{ title }}
 
-{{ what }} of [{{ base }}]({{ base_link }}), trained with [prefpipe](#how-it-was-trained) on {{ pairs }} preference
-pairs.
+{{ what }} of [{{ base }}]({{ base_link }}), trained with [prefpipe](#how-it-was-trained) on {% if data.images %}{{ data.images }}
+images labelled desirable or undesirable (per-image feedback).{% else %}{{ pairs }} preference
+pairs.{% endif %}
 {% if evaluation %}
 **Eval:** {{ evaluation.headline }}
 {% endif %}
@@ -168,14 +169,14 @@ From the last `prefpipe eval` (the same seeds as the base model's images in its 
 
 - objective: `{{ objective }}` ({{ objective_name }}){% for k, v in hyper.items() %}, {{ k }} {{ v }}{% endfor %}
 - steps: {{ training.steps }}{% if training.last %}; last logged {% for k, v in training.last.items() %}{{ k }} {{ v }}{{ ", " if not loop.last else "" }}{% endfor %}{% endif %}
-- data digest (the pairs by content): `{{ data.digest }}`
+- data digest (the training data by content): `{{ data.digest }}`
 
 | option | value |
 | --- | --- |
 {% for k, v in options.items() -%}
 | {{ k }} | {{ v }} |
 {% endfor %}
-### Where the pairs came from
+### Where the training data came from
 
 | dataset | stage | source | scorer | rows | content digest |
 | --- | --- | --- | --- | --- | --- |
@@ -256,7 +257,7 @@ def model_card_facts(cfg, summary: dict, resolved: dict, data_paths: list[str | 
         "family": resolved.get("family"),
         "hyperparameters": {k: v for k, v in hyper.items() if v is not None},
         "options": {k: getattr(cfg, k) for k in CARD_OPTIONS},
-        "data": {"digest": resolved.get("data_digest"), "pairs": resolved.get("pairs"),
+        "data": {"digest": resolved.get("data_digest"), "pairs": resolved.get("pairs"), "images": resolved.get("images"),
                  "sources": pairs_provenance(data_paths), "counts": counts},
         "training": {"steps": summary.get("steps"),
                      "last": {k: round(v, 6) for k, v in (summary.get("last") or {}).items() if k in CARD_METRICS}},

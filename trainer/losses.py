@@ -373,6 +373,23 @@ def diffusion_kto_loss(
     )
 
 
+def kto_feedback_loss(
+    model_pred_w: Tensor,
+    ref_pred_w: Tensor,
+    target_w: Tensor,
+    desirable: Tensor,
+    beta: float = 1000.0,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    weight: Tensor | None = None,
+) -> LossOutput:
+    """Diffusion-KTO on per-image feedback (`prefpipe train --objective kto --feedback`): :func:`kto_image_loss`
+    under the names the training loop passes (each item one image in the ``_w`` slot, its label in
+    ``desirable``). Same defaults and metrics."""
+    return kto_image_loss(model_pred_w, ref_pred_w, target_w, desirable, beta=beta, desirable_weight=desirable_weight,
+                          undesirable_weight=undesirable_weight, weight=weight)
+
+
 # --------------------------------------------------------------------------------------------------------
 # D3PO: one DDIM step's log-probability, and the loss on trajectories
 # --------------------------------------------------------------------------------------------------------
@@ -594,12 +611,14 @@ class Objective:
         ``model_pred_l``, ``target_l``, and, when ``needs_reference``, ``ref_pred_w``, ``ref_pred_l``;
         ``"log_prob"``: the loop passes ``logp_w``, ``logp_l``, ``ref_logp_w``, ``ref_logp_l``.
         Every objective also takes ``weight`` and its :attr:`hyperparameters` as keywords.
+    per_image: the items are single images with a label: the loop passes ``desirable`` ``(B,)`` (bool) too.
     """
 
     fn: Callable[..., LossOutput]
     kind: Literal["denoising", "log_prob"]
     needs_loser: bool
     needs_reference: bool
+    per_image: bool = False
 
     @property
     def hyperparameters(self) -> dict[str, float]:
@@ -624,11 +643,18 @@ OBJECTIVES: dict[str, Objective] = {
     "kto": Objective(diffusion_kto_loss, "denoising", needs_loser=True, needs_reference=True),
     "d3po": Objective(d3po_loss, "log_prob", needs_loser=True, needs_reference=True),
 }
+# The objectives that also learn from per-image feedback (`--feedback`), under the same name.
+PER_IMAGE_OBJECTIVES: dict[str, Objective] = {
+    "kto": Objective(kto_feedback_loss, "denoising", needs_loser=False, needs_reference=True, per_image=True),
+}
 
 
-def get_objective(name: str) -> Objective:
-    """The objective registered as ``name``; a ValueError lists the valid names."""
+def get_objective(name: str, per_image: bool = False) -> Objective:
+    """The objective registered as ``name`` (its per-image form with `per_image`); a ValueError lists the
+    valid names."""
+    table = PER_IMAGE_OBJECTIVES if per_image else OBJECTIVES
     try:
-        return OBJECTIVES[name]
+        return table[name]
     except KeyError:
-        raise ValueError(f"unknown objective {name!r}: choose one of {', '.join(OBJECTIVES)}") from None
+        what = "objective on per-image feedback" if per_image else "objective"
+        raise ValueError(f"unknown {what} {name!r}: choose one of {', '.join(table)}") from None

@@ -16,7 +16,10 @@ embeddings, kept in the training dtype (`text_store_dtype`; SD3.5: (77 + 256) x 
 caption in bf16, FLUX: 512 x 4096 x 2 = 4 MiB; their 16-channel latents: 2 MiB per pair at 1024 px). Rows are
 decoded and encoded `chunk` at a time; a unit's tensors are held until its file is written. The
 on-the-fly path (`no_cache`) runs the same functions and rounds to the same dtype, so both paths feed the
-loop the same inputs (up to the float rounding of a different encoding batch).
+loop the same inputs (up to the float rounding of a different encoding batch). A row holding one image in both
+columns (per-image feedback, `trainer/data/feedback.py`) is encoded once and its moments stored in both slots
+(the unit file's layout stays the pairs'; the latents of such a unit take twice the bytes they need, small
+against the VAE pass saved).
 """
 
 from __future__ import annotations
@@ -117,7 +120,10 @@ def encode_scan(scan: RowScan, encoders: Encoders, resolution: int, *, random_cr
         if not prepared:
             continue
         pixels = torch.cat([p.pixels for p in prepared])  # (2N, 3, R, R): pair i at rows 2i, 2i+1
-        mean, logvar = encoders.moments(pixels)
+        if all(img0 is img1 for img0, img1 in scan.images):  # single images (per-image feedback): one VAE pass each
+            mean, logvar = (m.repeat_interleave(2, dim=0) for m in encoders.moments(pixels[0::2]))
+        else:
+            mean, logvar = encoders.moments(pixels)
         out["mean" + suffix] = mean.reshape(n, 2, *mean.shape[1:])
         out["logvar" + suffix] = logvar.reshape(n, 2, *logvar.shape[1:])
         out["crop" + suffix] = torch.stack([p.crop_top_left for p in prepared])

@@ -125,6 +125,7 @@ class PairBatch:
     time_ids_l: Tensor | None  # (B, 6)
     weight: Tensor  # (B,) float32
     keys: list[str]
+    desirable: Tensor | None = None  # (B,) bool: per-image feedback (the item's label), else None
 
 
 class PairData:
@@ -133,8 +134,10 @@ class PairData:
     def __init__(self, index: PairIndex, units: list[Unit], latent_spec: LatentSpec, resolution: int,
                  empty: PromptEmbeds, *, cache: PairCache | None = None, encoders: Encoders | None = None,
                  scans: list[RowScan] | None = None, random_crop: bool = False, seed: int = 0,
-                 family: str = "sd15", caption_dropout: float = 0.0, stats: dict | None = None):
+                 family: str = "sd15", caption_dropout: float = 0.0, stats: dict | None = None,
+                 per_image: bool = False):
         self.index = index
+        self.per_image = per_image  # single-image rows (feedback): item i is desirable unless swapped
         self.units = units
         self.latent_spec = latent_spec
         self.resolution = resolution
@@ -209,20 +212,22 @@ class PairData:
             tid_w = time_ids(stack["original_size"][ar, w_idx], stack["crop"], size)
             tid_l = time_ids(stack["original_size"][ar, l_idx], stack["crop"], size)
         return PairBatch(latents[0], latents[1], PromptEmbeds(pe, pooled), tid_w, tid_l,
-                         torch.as_tensor(self.index.weight[items]), [self.index.keys[int(i)] for i in items])
+                         torch.as_tensor(self.index.weight[items]), [self.index.keys[int(i)] for i in items],
+                         torch.as_tensor(~self.index.swap[items]) if self.per_image else None)
 
 
 def prepare_data(*, units: list[Unit], cache_root: Path | None, cache_parts: dict[str, Any], encoders: Encoders | None,
                  resolution: int, keep_ties: str, random_crop: bool, random_flip: bool, seed: int,
                  caption_dropout: float, rank: int = 0, world: int = 1, barrier=None,
-                 progress: bool = True) -> PairData:
+                 progress: bool = True, per_image: bool = False) -> PairData:
     """Scan (and with a cache root, encode) this process's units, then index all of them.
 
     With a cache: units `rank::world` not yet cached are encoded and written; `barrier()` (all processes)
     follows; every process then reads the index from the cache files. Without: every process scans
     (decodes) all units to learn which rows are usable, and pairs are encoded at each step.
     `encoders` may be None only when the cache is complete (`PairCache.complete`): its context then gives the
-    latent scaling, the unconditional embedding and the family.
+    latent scaling, the unconditional embedding and the family. `per_image`: the units hold single images
+    (per-image feedback, label 1 desirable / 0 undesirable), and batches carry :attr:`PairBatch.desirable`.
     `stats`: units encoded / reused by this process, and the drop counters.
     """
     from prefpipe.core.progress import progress as progress_of
@@ -244,7 +249,7 @@ def prepare_data(*, units: list[Unit], cache_root: Path | None, cache_parts: dic
         stats.update(units_encoded=len(todo), units_reused=len(mine) - len(todo), cache=str(cache.folder))
         if rank == 0 and encoders is not None:
             cache.write_description(latent_spec, empty, family)
-        bar = progress_of(todo, desc="encode pairs", unit="unit", enabled=progress and bool(todo))
+        bar = progress_of(todo, desc="encode images" if per_image else "encode pairs", unit="unit", enabled=progress and bool(todo))
         for u in bar:
             tensors, scan = encode_unit(read_unit(units[u]), units[u], encoders, resolution, random_crop=random_crop,
                                         seed=seed, orientations=orientations, chunk=max(64, encoders.batch_size))
@@ -259,10 +264,10 @@ def prepare_data(*, units: list[Unit], cache_root: Path | None, cache_parts: dic
         cache = None
         stats.update(units_encoded=0, units_reused=0, cache=None)
         scans = []
-        for u in progress_of(range(len(units)), desc="scan pairs", unit="unit", enabled=progress):
+        for u in progress_of(range(len(units)), desc="scan images" if per_image else "scan pairs", unit="unit", enabled=progress):
             scans.append(scan_unit(read_unit(units[u]), units[u], keep_images=False).compact())
     index = build_index(scans, keep_ties)
     stats.update(index.counts)
     return PairData(index, units, latent_spec, resolution, empty, cache=cache,
                     encoders=None if cache is not None else encoders, scans=scans, random_crop=random_crop,
-                    seed=seed, family=family, caption_dropout=caption_dropout, stats=stats)
+                    seed=seed, family=family, caption_dropout=caption_dropout, stats=stats, per_image=per_image)

@@ -42,6 +42,7 @@ KEY_COLUMNS = ("image_0_uid", "image_1_uid", "prompt_id")
 _MAX_LOGGED_BAD_ROWS = 20
 # What `describe_drops` says of each counter of dropped rows.
 PAIR_DROPS = {"ties_dropped": "ties (label_0 = 0.5; --keep-ties half keeps them)", "empty_caption": "empty caption",
+              "missing_image": "no image (a null image, or a feedback row pointing at no image of --images)",
               "bad_image": "undecodable image", "bad_label": "label_0 not 0, 0.5 or 1"}
 
 
@@ -56,6 +57,11 @@ class Unit:
     @property
     def name(self) -> str:
         return f"{self.file.name}:{self.row_group}"
+
+    def read(self) -> pa.Table:
+        """The columns training reads (:data:`REQUIRED_COLUMNS` and the key columns present), `take` rows."""
+        cols = check_pairs_schema(self.file)
+        return parquet_file(self.file).read_row_group(self.row_group, columns=cols).slice(0, self.take)
 
 
 def check_pairs_schema(path: Path) -> list[str]:
@@ -87,9 +93,9 @@ def list_units(sources: list[Path], limit: int | None = None) -> list[Unit]:
 
 
 def read_unit(unit: Unit) -> pa.Table:
-    """The columns training reads from one unit (its `take` first rows)."""
-    cols = check_pairs_schema(unit.file)
-    return parquet_file(unit.file).read_row_group(unit.row_group, columns=cols).slice(0, unit.take)
+    """The columns training reads from one unit (its `take` first rows), in the pairs layout whatever the unit
+    (a pairs row group, or a feedback row group with its images looked up: `trainer/data/feedback.py`)."""
+    return unit.read()
 
 
 def sources_fingerprint(sources: list[Path], limit: int | None) -> str:
@@ -103,7 +109,7 @@ def row_key(table: pa.Table, i: int, unit: Unit, offset: int = 0) -> str:
     if "image_0_uid" in cols and "image_1_uid" in cols:
         a, b = table["image_0_uid"][i].as_py(), table["image_1_uid"][i].as_py()
         if a and b:
-            return f"{a}/{b}"
+            return a if a == b else f"{a}/{b}"  # one uid: a single image (per-image feedback)
     if "prompt_id" in cols and table["prompt_id"][i].as_py():
         return f"{table['prompt_id'][i].as_py()}@{unit.name}:{offset + i}"
     return f"{unit.name}:{offset + i}"
@@ -219,10 +225,14 @@ def scan_unit(table: pa.Table, unit: Unit, keep_images: bool = True, offset: int
             reason = "empty_caption"
         elif label is None or float(label) not in (0.0, 0.5, 1.0):
             reason = "bad_label"
+        elif not jpg0[i].is_valid or not jpg1[i].is_valid:
+            reason = "missing_image"
         else:
             try:
-                converted = [to_rgb(decode(data.as_py())) for data in (jpg0[i], jpg1[i])]
-                images = (converted[0][0], converted[1][0])
+                data0, data1 = jpg0[i].as_py(), jpg1[i].as_py()
+                # one image in both columns (per-image feedback): decoded once, the same object twice
+                converted = [to_rgb(decode(data0))] if data0 == data1 else [to_rgb(decode(d)) for d in (data0, data1)]
+                images = (converted[0][0], converted[-1][0])
                 if any(note for _, note in converted):
                     scan.count("images_converted", sum(note is not None for _, note in converted))
             except BadImage as e:

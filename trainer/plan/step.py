@@ -218,7 +218,7 @@ def make_batch(cfg: TrainConfig, m: StepModels):
     tids = (lambda: torch.zeros(b, 6)) if s.time_ids else (lambda: None)
     return PairBatch(torch.zeros(b, *s.latent), torch.zeros(b, *s.latent),
                      PromptEmbeds(torch.zeros(b, *s.text, dtype=store), pooled), tids(), tids(),
-                     torch.ones(b), [str(i) for i in range(b)])
+                     torch.ones(b), [str(i) for i in range(b)], torch.ones(b, dtype=torch.bool))
 
 
 def phase_hooks(m: StepModels, tracer: StepTracer) -> list:

@@ -7,7 +7,8 @@ accelerate's own; the shared parts are `trainer/run.py`, `trainer/unet.py` and `
 Supports: SD 1.x/2.x and SDXL (epsilon and v-prediction), SD3.x and FLUX.1 (flow matching, "Flow-DPO": the
 transformer in the UNet's place, see `trainer/flow.py`); every denoising objective of
 `trainer/losses.py` by name (`dpo` default, `hinge`, `ipo`, `sft`, `mapo` (no reference forward), `kto` (the
-pairs' per-image view: winners desirable, losers undesirable)), the recipe learning from the
+pairs' per-image view: winners desirable, losers undesirable; or, with `--feedback`, per-image labels: one image
+per item, `trainer/data/feedback.py`)), the recipe learning from the
 `Objective` entry whether it needs the loser and the reference; LoRA (reference = the same UNet with its
 adapters disabled, no second copy) or full fine-tuning (reference = a frozen copy in the weight dtype);
 mixed precision, gradient checkpointing, AdamW or Adafactor, warm-up and schedule, gradient accumulation;
@@ -38,6 +39,7 @@ from prefpipe.core.errors import PrefpipeError
 from trainer.config import TrainConfig, hyperparameters
 from trainer.data import describe_drops
 from trainer.data.cache import Encoders, PairCache, model_identity
+from trainer.data.feedback import ImageSource, feedback_fingerprint, list_feedback_units
 from trainer.data.pairs import PairOrder, prepare_data
 from trainer.data.rows import PAIR_DROPS, list_units, sources_fingerprint
 from trainer.flow import FLOW_FAMILIES, FlowMatching
@@ -83,14 +85,22 @@ def train_dpo(cfg: TrainConfig, objective: Objective, *, on_steps_start: Callabl
         )
     hyper = hyperparameters(objective, cfg)
     sources = cfg.pairs_paths()
-    units = list_units(sources, cfg.limit)  # a wrong path or a missing column stops here
+    what = "images" if objective.per_image else "pairs"  # an item: one labelled image (--feedback) or a pair
+    if objective.per_image:  # per-image feedback: its rows, each image read where the row points (--images)
+        images = ImageSource.open(cfg.images)
+        units = list_feedback_units(sources, images, cfg.limit)
+    else:
+        units = list_units(sources, cfg.limit)  # a wrong path or a missing column stops here
     if not units:
-        raise PrefpipeError(f"no rows in the pairs datasets {', '.join(map(str, sources))}")
+        raise PrefpipeError(f"no rows in the {'feedback' if objective.per_image else 'pairs'} datasets "
+                            f"{', '.join(map(str, sources))}")
 
     # ---- 2. the run: accelerator (one process or many), the checkpoint to resume -----------------------
     run = open_run(cfg)
     rank, world, device, accelerator = run.rank, run.world, run.device, run.accelerator
-    data_digest = sources_fingerprint(sources, cfg.limit)  # the pairs by content
+    # the training data by content (feedback: its tables and the image dataset)
+    data_digest = (feedback_fingerprint(sources, images, cfg.limit) if objective.per_image
+                   else sources_fingerprint(sources, cfg.limit))
     check_resumed_data(run, data_digest)
 
     # ---- 3. what the run needs, read from the configs (no weights yet) ---------------------------------
@@ -152,7 +162,7 @@ def train_dpo(cfg: TrainConfig, objective: Objective, *, on_steps_start: Callabl
         encoders=Encoders(vae, text, cfg.encode_batch_size) if encode else None, resolution=resolution,
         keep_ties=cfg.keep_ties, random_crop=cfg.random_crop, random_flip=cfg.random_flip, seed=cfg.seed,
         caption_dropout=cfg.caption_dropout, rank=rank, world=world, barrier=accelerator.wait_for_everyone,
-        progress=run.main and not cfg.no_progress,
+        progress=run.main and not cfg.no_progress, per_image=objective.per_image,
     )
     if encode and not cfg.no_cache:  # training reads the cache: the encoders are no longer needed
         text.free()
@@ -161,7 +171,7 @@ def train_dpo(cfg: TrainConfig, objective: Objective, *, on_steps_start: Callabl
     n_rows = data.stats.get("rows_read", 0)
     if len(data) == 0:
         raise PrefpipeError(
-            f"no training pairs left: {n_rows} rows read from {', '.join(map(str, sources))}, "
+            f"no training {what} left: {n_rows} rows read from {', '.join(map(str, sources))}, "
             f"all dropped ({describe_drops(data.stats, PAIR_DROPS)})"
         )
     order = PairOrder(len(data), cfg.batch_size, world, cfg.seed, cfg.random_flip)
@@ -179,7 +189,7 @@ def train_dpo(cfg: TrainConfig, objective: Objective, *, on_steps_start: Callabl
     state = resume(run)
     resolved = {"beta": hyper.get("beta"), "resolution": resolution, "lr": lr, "max_steps": max_steps,
                 "effective_batch": effective_batch, "processes": world, "family": family,
-                "prediction_type": prediction_type, "pairs": len(data), "cache": data.stats.get("cache"),
+                "prediction_type": prediction_type, what: len(data), "cache": data.stats.get("cache"),
                 "data_digest": data_digest}
     start_run_folder(run, resolved, state["step"])
 
@@ -189,12 +199,14 @@ def train_dpo(cfg: TrainConfig, objective: Objective, *, on_steps_start: Callabl
     n_train = sum(p.numel() for p in params)
     hyper_text = ", ".join(f"{k} {v:g}" for k, v in hyper.items())
     run.echo(
-        f"train: {cfg.objective}{f' ({hyper_text})' if hyper_text else ''} on {len(data)} pairs "
+        f"train: {cfg.objective}{f' ({hyper_text})' if hyper_text else ''} on {len(data)} {what}"
+        + (f" ({int((~data.index.swap).sum())} desirable, {int(data.index.swap.sum())} undesirable)" if objective.per_image
+           else "") + " "
         f"({n_rows} rows read; dropped: {describe_drops(data.stats, PAIR_DROPS)}) | {family}, {resolution} px, "
         f"{prediction_type} target\n"
-        f"  batch: {cfg.batch_size} pairs/process x {world} process(es) x {accum} accumulation = "
-        f"{effective_batch} pairs per step (effective batch)\n"
-        f"  steps: {max_steps} ({order.per_epoch // accum} per epoch of {len(data)} pairs)"
+        f"  batch: {cfg.batch_size} {what}/process x {world} process(es) x {accum} accumulation = "
+        f"{effective_batch} {what} per step (effective batch)\n"
+        f"  steps: {max_steps} ({order.per_epoch // accum} per epoch of {len(data)} {what})"
         f"{f', resuming after step {start_step}' if start_step else ''}; "
         f"{cfg.lr_scheduler} schedule, {cfg.lr_warmup_steps} warm-up\n"
         f"  lr: {lr:g}" + (f" (= {cfg.learning_rate:g} x {effective_batch}, --scale-lr)" if cfg.scale_lr else "")
@@ -295,6 +307,8 @@ def objective_step(accelerator, unet, ref_unet, objective: Objective, hyper: dic
                     ref = denoise(policy, noisy)
         ref_w, *ref_l = ref.chunk(k)
         inputs.update(ref_pred_w=ref_w, **({"ref_pred_l": ref_l[0]} if ref_l else {}))
+    if objective.per_image:  # per-image feedback: each item's label
+        inputs["desirable"] = batch.desirable.to(device)
     weight = batch.weight.to(device)
     if not bool((weight == 1).all()):
         inputs["weight"] = weight
