@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from trainer.config import TrainConfig
 from trainer.data.feedback import FeedbackUnit, ImageSource, list_feedback_units
 from trainer.recipes import train
 
-from .conftest import run_cli
+from .conftest import ACCELERATE_LAUNCH, REPO, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -192,3 +193,49 @@ def test_per_image_objective_is_the_image_loss():
     assert torch.equal(loss, expected) and set(metrics) >= {"kl", "reward_desirable", "reward_undesirable"}
     with pytest.raises(ValueError, match="per-image feedback 'dpo'"):
         get_objective("dpo", per_image=True)
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_kl_estimate_and_train_as_one_process_of_both(tiny_sd15, tmp_path):
+    """2 processes x 1 image = 1 process x 2 images (the same items and per-item draws): with the KL estimate
+    averaged over processes, as the reference does, every step's loss and KL agree; each process's own
+    estimate would give both a different KL from the second step on."""
+    pairs = _pairs(tmp_path / "pairs", COLOURS[:4])
+    build_feedback(pairs, tmp_path / "fb", FeedbackOptions(source="pairs"))
+    common = ["--feedback", str(tmp_path / "fb"), "--images", str(pairs), "--max-steps", "3", "--beta", "100",
+              "--learning-rate", "3e-3"]
+    _train(tiny_sd15, tmp_path / "one", *common, "--batch-size", "2", "--cache-dir", str(tmp_path / "c1"))
+    launch = [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+              "no", "--dynamo_backend", "no", "-m", "prefpipe", "train", "--model", str(tiny_sd15), "--out",
+              str(tmp_path / "two"), "--objective", "kto", "--resolution", "32", "--lora-rank", "4", "--lora-targets",
+              "attn,ff,conv", "--checkpoint-every", "0", "--no-progress", *common, "--batch-size", "1",
+              "--cache-dir", str(tmp_path / "c2")]
+    proc = subprocess.run(launch, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 images/process x 2 process(es)" in proc.stderr
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert [m["step"] for m in two] == [1, 2, 3]
+    assert any(m["kl"] > 0 for m in one[1:]), one  # the estimate is not trivially 0 after the first update
+    for a, b in zip(one, two):
+        for key in ("loss", "kl", "implicit_acc", "mse", "ref_mse"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (a["step"], key)
+
+
+def test_kl_reduce_replaces_the_batch_estimate_before_the_clamp():
+    import torch
+
+    from trainer.losses import kto_image_loss
+
+    g = torch.Generator().manual_seed(1)
+    pred, ref, target = (torch.randn(4, 3, 2, 2, generator=g) for _ in range(3))
+    desirable = torch.tensor([True, False, True, False])
+    mse = ((pred - target) ** 2).mean(dim=(1, 2, 3)).numpy()
+    ref_mse = ((ref - target) ** 2).mean(dim=(1, 2, 3)).numpy()
+    for other in (0.3, -5.0):  # another process's batch estimate (the clamp applies after the average)
+        _, metrics = kto_image_loss(pred, ref, target, desirable, beta=2.0, kl_reduce=lambda t, o=other: (t + o) / 2)
+        expected = max(0.0, (float(np.mean(ref_mse - mse)) + other) / 2)
+        assert float(metrics["kl"]) == pytest.approx(expected, abs=1e-6)

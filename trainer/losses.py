@@ -298,6 +298,7 @@ def kto_image_loss(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
     weight: Tensor | None = None,
+    kl_reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> LossOutput:
     """Diffusion-KTO (Li et al. 2024) on single images, each labelled desirable or undesirable.
 
@@ -307,12 +308,13 @@ def kto_image_loss(
     With per-image errors ``mse`` (policy) and ``ref_mse`` (reference, detached)::
 
         g    = ref_mse - mse                          (policy minus reference log-likelihood, logp = -mse)
-        kl   = clamp(mean_n g_n, min=0), detached     (the batch's reference-KL estimate)
+        kl   = clamp(reduce(mean_n g_n), min=0), detached   (the batch's reference-KL estimate)
         z    = sign * beta * (g - kl)                  sign = +1 desirable, -1 undesirable
         loss = mean_n  w_n * (1 - sigmoid(z_n))        w = desirable_weight or undesirable_weight
 
-    The reference averages ``kl`` over processes (``accelerator.reduce``); here it is the micro-batch's
-    (the same with one process). ``weight``: optional ``(N,)`` per-image weight (weighted mean).
+    ``reduce``: `kl_reduce`, the mean over processes as the reference's ``accelerator.reduce(kl_gpu,
+    reduction='mean')`` (the training loop passes it when there are several processes; None: this batch's).
+    ``weight``: optional ``(N,)`` per-image weight (weighted mean).
 
     Metrics (detached): ``loss``; ``kl``; ``reward_desirable`` / ``reward_undesirable``: mean ``g - kl`` of
     the desirable / undesirable images (the reference's ``diff_pos`` / ``diff_neg``; 0 when a class is
@@ -324,7 +326,8 @@ def kto_image_loss(
     ref_mse = denoising_mse(ref_pred.detach(), target)
     good = desirable.to(device=mse.device).bool()
     g = ref_mse - mse
-    kl = g.mean().detach().clamp(min=0)
+    kl = g.mean().detach()
+    kl = (kl if kl_reduce is None else kl_reduce(kl)).clamp(min=0)
     centred = g - kl
     sign = good.to(mse.dtype) * 2 - 1
     z = sign * beta * centred
@@ -357,6 +360,7 @@ def diffusion_kto_loss(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
     weight: Tensor | None = None,
+    kl_reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> LossOutput:
     """Diffusion-KTO on the per-image view of pairs: each winner one desirable image, each loser one
     undesirable image (:func:`kto_image_loss` on the ``2B`` images, winners first; one batch-wide KL).
@@ -370,6 +374,7 @@ def diffusion_kto_loss(
         torch.cat([model_pred_w, model_pred_l]), torch.cat([ref_pred_w, ref_pred_l]), torch.cat([target_w, target_l]),
         desirable.to(model_pred_w.device), beta=beta, desirable_weight=desirable_weight,
         undesirable_weight=undesirable_weight, weight=None if weight is None else torch.cat([weight, weight]),
+        kl_reduce=kl_reduce,
     )
 
 
@@ -382,12 +387,13 @@ def kto_feedback_loss(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
     weight: Tensor | None = None,
+    kl_reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> LossOutput:
     """Diffusion-KTO on per-image feedback (`prefpipe train --objective kto --feedback`): :func:`kto_image_loss`
     under the names the training loop passes (each item one image in the ``_w`` slot, its label in
     ``desirable``). Same defaults and metrics."""
     return kto_image_loss(model_pred_w, ref_pred_w, target_w, desirable, beta=beta, desirable_weight=desirable_weight,
-                          undesirable_weight=undesirable_weight, weight=weight)
+                          undesirable_weight=undesirable_weight, weight=weight, kl_reduce=kl_reduce)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -610,7 +616,8 @@ class Objective:
     kind: ``"denoising"``: the loop passes ``model_pred_w``, ``target_w`` and, when ``needs_loser``,
         ``model_pred_l``, ``target_l``, and, when ``needs_reference``, ``ref_pred_w``, ``ref_pred_l``;
         ``"log_prob"``: the loop passes ``logp_w``, ``logp_l``, ``ref_logp_w``, ``ref_logp_l``.
-        Every objective also takes ``weight`` and its :attr:`hyperparameters` as keywords.
+        Every objective also takes ``weight`` and its :attr:`hyperparameters` as keywords; one whose signature
+        has ``kl_reduce`` (KTO) also takes the loop's mean over processes of its batch KL estimate.
     per_image: the items are single images with a label: the loop passes ``desirable`` ``(B,)`` (bool) too.
     """
 
@@ -627,8 +634,13 @@ class Objective:
         return {
             p.name: p.default
             for p in params
-            if p.default is not inspect.Parameter.empty and p.name != "weight"
+            if p.default is not inspect.Parameter.empty and p.name not in ("weight", "kl_reduce")
         }
+
+    @property
+    def reduces_kl(self) -> bool:
+        """Whether the loss takes ``kl_reduce`` (a batch-wide estimate averaged over processes: KTO)."""
+        return "kl_reduce" in inspect.signature(self.fn).parameters
 
     def __call__(self, **inputs: Any) -> LossOutput:
         return self.fn(**inputs)

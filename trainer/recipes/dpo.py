@@ -309,6 +309,8 @@ def objective_step(accelerator, unet, ref_unet, objective: Objective, hyper: dic
         inputs.update(ref_pred_w=ref_w, **({"ref_pred_l": ref_l[0]} if ref_l else {}))
     if objective.per_image:  # per-image feedback: each item's label
         inputs["desirable"] = batch.desirable.to(device)
+    if objective.reduces_kl and getattr(accelerator, "num_processes", 1) > 1:  # KTO: one KL estimate for all processes
+        inputs["kl_reduce"] = lambda t: accelerator.reduce(t, reduction="mean")
     weight = batch.weight.to(device)
     if not bool((weight == 1).all()):
         inputs["weight"] = weight
