@@ -147,6 +147,14 @@ def test_plan_flops_match_torch_flop_counter_on_a_real_step(small):
     assert 0 < plan.flops["reference forward"] < plan.flops["policy forward"]  # the same UNet, less the adapters
 
 
+def test_kto_on_per_image_feedback_plans_half_the_pairs_forwards(small):
+    """An item of --feedback is one image: policy and reference see B images, not 2B (the loop's k = 1)."""
+    pairs = planned(config(small["sd15"], objective="kto"))
+    images = planned(config(small["sd15"], objective="kto", feedback=("fb",), images="candidates"))
+    for part in ("policy forward", "reference forward", "policy backward"):
+        assert images.flops[part] == pytest.approx(pairs.flops[part] / 2, rel=0.01), part
+
+
 def test_gradient_checkpointing_and_bf16_shrink_the_plan(small):
     base = planned(config(small["sd15"]))
     lean = planned(config(small["sd15"], gradient_checkpointing=True, mixed_precision="bf16"))

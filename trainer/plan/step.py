@@ -116,7 +116,7 @@ def build_models(cfg: TrainConfig, tracer: StepTracer, fake_mode=None) -> StepMo
     (fake under `fake_mode`)."""
     from diffusers import DDPMScheduler
 
-    objective = get_objective(cfg.objective)
+    objective = get_objective(cfg.objective, per_image=bool(cfg.feedback))  # --feedback: one image per item
     hyper = hyperparameters(objective, cfg)
     family = plan_family(cfg.model)
     shapes = batch_shapes(cfg.model, cfg.vae, cfg.resolution, cfg.max_sequence_length)
