@@ -197,6 +197,18 @@ FB_PAIRS_human     := $(FB_DIR)/pairs/human/.complete
 FB_PAIRS_ai        := $(FB_DIR)/pairs/ai/.complete
 FB_PAIRS_both      := $(FB_DIR)/pairs/human/.complete $(FB_DIR)/pairs/ai/.complete
 FB_PAIRS_control   := $(FB_DIR)/pairs/ai-reversed/.complete
+# per-image arms (Diffusion-KTO on `prefpipe feedback --from scores`: each prompt's top and bottom candidates by the
+# CLIP), used by make demo-feedback-long: the CLIP's scores, and the same scores negated (the control)
+FB_KTO_CUTS        ?= --desirable-top 0.34 --undesirable-bottom 0.34
+# (after FB_TRAIN_ARGS, so that its --beta and --max-steps win: KTO's beta scaled as make compare scales it, and
+# twice DPO's steps, the same denoiser forwards: 2 per image against 4 per pair)
+FB_KTO_ARGS        ?= --objective kto --beta 100
+FB_SOURCES_ai-kto      = --feedback $(FB_DIR)/feedback/ai --images $(CANDIDATES)
+FB_SOURCES_control-kto = --feedback $(FB_DIR)/feedback/control --images $(CANDIDATES)
+FB_EXTRA_ai-kto        = $(FB_KTO_ARGS)
+FB_EXTRA_control-kto   = $(FB_KTO_ARGS)
+FB_PAIRS_ai-kto        = $(FB_DIR)/feedback/ai/.complete
+FB_PAIRS_control-kto   = $(FB_DIR)/feedback/control/.complete
 
 .PHONY: demo-feedback demo-clip
 
@@ -225,6 +237,22 @@ $(FB_DIR)/pairs/ai-reversed/.complete: $(FB_DIR)/pairs/ai/.complete
 	$(PREFPIPE) demo-reverse --pairs $(FB_DIR)/pairs/ai --out $(FB_DIR)/pairs/ai-reversed
 	@touch $@
 
+# `label` wrote the CLIP's scores of every candidate beside its pairs
+$(FB_DIR)/scores-reversed/.complete: $(FB_DIR)/pairs/ai/.complete
+	rm -rf $(FB_DIR)/scores-reversed
+	$(PREFPIPE) demo-reverse --scores $(FB_DIR)/scores --out $(FB_DIR)/scores-reversed
+	@touch $@
+
+$(FB_DIR)/feedback/ai/.complete: $(FB_DIR)/pairs/ai/.complete
+	rm -rf $(@D)
+	$(PREFPIPE) feedback --from scores --in $(FB_DIR)/scores --out $(@D) $(FB_KTO_CUTS)
+	@touch $@
+
+$(FB_DIR)/feedback/control/.complete: $(FB_DIR)/scores-reversed/.complete
+	rm -rf $(@D)
+	$(PREFPIPE) feedback --from scores --in $(FB_DIR)/scores-reversed --out $(@D) $(FB_KTO_CUTS)
+	@touch $@
+
 $(FB_DIR)/pickapic/annotators.json: $(CANDIDATES)/.complete
 	$(PREFPIPE) demo-annotate --candidates $(CANDIDATES) --out $(FB_DIR)/pickapic --force $(FB_ANNOTATE_ARGS)
 
@@ -241,7 +269,7 @@ $(FB_DIR)/relabel/agreement.json: $(FB_DIR)/pairs/human/.complete $(FB_CLIP)
 $(FB_DIR)/runs/%/.complete: $$(FB_PAIRS_$$*) $(MODEL_DEP)
 	rm -rf $(@D)
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(PREFPIPE) train --model $(MODEL) $(FB_SOURCES_$*) --workdir $(FB_DIR) \
-	    --out $(@D) $(FB_TRAIN_ARGS)
+	    --out $(@D) $(FB_TRAIN_ARGS) $(FB_EXTRA_$*)
 	@touch $@
 
 $(FB_DIR)/eval/report.json: $(foreach a,$(FB_ARMS),$(FB_DIR)/runs/$(a)/.complete) $(EVAL_PROMPTS_DEP)
@@ -250,21 +278,28 @@ $(FB_DIR)/eval/report.json: $(foreach a,$(FB_ARMS),$(FB_DIR)/runs/$(a)/.complete
 	    $(FB_SCORER) --per-prompt $(EVAL_PER_PROMPT) --holdout $(FB_DIR)/pairs/ai --holdout $(FB_DIR)/pairs/human \
 	    --out $(FB_DIR)/eval $(FB_EVAL_ARGS)
 
-# ---- make demo-feedback-long: only the CLIP arm and its control (reversed pairs), by demo-feedback's own rules in
-# their own folder, with a stronger recipe: every pair of a prompt's 6 candidates (15, not 3 at random) and 5x
-# the steps (FBL_STEPS). The human pairs are made too (cheap): the eval holds them out. Issue 17's figures.
+# ---- make demo-feedback-long: only the CLIP arms and their controls (reversed pairs, negated scores), by
+# demo-feedback's own rules in their own folder, with a stronger recipe: every pair of a prompt's 6 candidates (15,
+# not 3 at random) and 5x the steps (FBL_STEPS). The human pairs are made too (cheap): the eval holds them out.
+# Issue 17's figures.
+# Also the per-image arms: Diffusion-KTO on the CLIP's scores (each prompt's top third of candidates desirable, the
+# bottom third undesirable; `prefpipe feedback --from scores`) and on the same scores negated (the control), at
+# FBL_KTO_STEPS steps of 32 images at learning rate 1e-3 (1000 steps: DPO's 500 steps of 32 pairs in denoiser forwards).
 FBL_DIR   ?= $(WORKDIR)/feedback-long
 FBL_STEPS ?= 500
-FBL_VARS   = FB_DIR=$(FBL_DIR) FB_ARMS="ai control" FB_LABEL_ARGS="--strategy all --no-progress" \
+FBL_KTO_STEPS ?= 1000
+FBL_ARMS  ?= ai control ai-kto control-kto
+FBL_VARS   = FB_DIR=$(FBL_DIR) FB_ARMS="$(FBL_ARMS)" FB_LABEL_ARGS="--strategy all --no-progress" \
              FB_TRAIN_ARGS="--beta 500 --learning-rate 2e-3 --lora-rank 8 --lora-targets attn,ff,conv \
-             --batch-size 32 --max-steps $(FBL_STEPS) --checkpoint-every 0 --no-progress"
+             --batch-size 32 --max-steps $(FBL_STEPS) --checkpoint-every 0 --no-progress" \
+             FB_KTO_ARGS="--objective kto --beta 100 --learning-rate 1e-3 --max-steps $(FBL_KTO_STEPS)"
 .PHONY: demo-feedback-long
 
 demo-feedback-long: install
 	$(MAKE) --no-print-directory -j2 demo-clip $(MODEL_DEP) $(PROMPTS_DEP) $(EVAL_PROMPTS_DEP)
 	OMP_NUM_THREADS=$(DEMO_GEN_THREADS) $(MAKE) --no-print-directory generate
 	$(MAKE) --no-print-directory -j2 $(FBL_VARS) $(FBL_DIR)/pairs/human/.complete \
-	    $(FBL_DIR)/runs/ai/.complete $(FBL_DIR)/runs/control/.complete
+	    $(foreach a,$(FBL_ARMS),$(FBL_DIR)/runs/$(a)/.complete)
 	OMP_NUM_THREADS=$(DEMO_GEN_THREADS) $(MAKE) --no-print-directory $(FBL_VARS) $(FBL_DIR)/eval/report.json
 	$(PREFPIPE) demo-feedback-headline --eval $(FBL_DIR)/eval --clip-record $(CLIP_MODEL)/prefpipe_demo_clip.json \
 	    $(FB_HEADLINE_ARGS)

@@ -326,6 +326,36 @@ def test_reversed_pairs_flip_every_preference_and_keep_the_rest(annotated, tmp_p
     assert b["jpg_0"] == a["jpg_0"] and b["caption"] == a["caption"]
 
 
+def test_reversed_scores_turn_each_prompts_top_into_its_bottom(tmp_path):
+    from prefpipe.core.schema import SCORES, conform
+    from prefpipe.demo.feedback import reverse_scores
+    from prefpipe.stages.feedback import FeedbackOptions, build_feedback
+
+    rows = [{"prompt_id": p, "candidate": c, "scorer": "clip", "score": float(s)}
+            for p, scores in (("a", [3, 1, 2]), ("b", [0, 5, 4])) for c, s in enumerate(scores)]
+    (tmp_path / "scores").mkdir()
+    pq.write_table(conform(pa.Table.from_pylist(rows), SCORES), tmp_path / "scores" / "s.parquet")
+    assert reverse_scores(tmp_path / "scores", tmp_path / "reversed") == 6
+    labels = {}
+    for name in ("scores", "reversed"):
+        ds = build_feedback(tmp_path / name, tmp_path / f"fb-{name}", FeedbackOptions(
+            source="scores", desirable_top=0.34, undesirable_bottom=0.34))
+        t = pa.concat_tables(pq.read_table(f) for f in sorted(ds.folder.glob("*.parquet"))).to_pydict()
+        labels[name] = {(p, c): d for p, c, d in zip(t["prompt_id"], t["candidate"], t["desirable"])}
+    assert labels["scores"] == {("a", 0): True, ("a", 1): False, ("b", 1): True, ("b", 0): False}
+    assert labels["reversed"] == {k: not v for k, v in labels["scores"].items()}
+
+
+def test_verdict_needs_every_evaluated_arm_above_the_base_and_its_control_not():
+    from prefpipe.demo.feedback import verdict
+
+    assert verdict({"base": 0.4, "ai": 0.5, "control": 0.3})
+    assert verdict({"base": 0.4, "ai": 0.5, "control": 0.4, "ai-kto": 0.7, "control-kto": 0.2, "human": 0.1})
+    assert not verdict({"base": 0.4, "ai": 0.5, "control": 0.3, "ai-kto": 0.7, "control-kto": 0.45})
+    assert not verdict({"base": 0.4, "ai": 0.4, "control": 0.3})
+    assert not verdict({"base": 0.4, "ai": 0.9})  # no control evaluated: nothing shown
+
+
 def test_headline_names_a_missing_eval_report(tmp_path):
     from prefpipe.demo.feedback import feedback_headline
 

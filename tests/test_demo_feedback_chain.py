@@ -59,7 +59,7 @@ def test_clip_feedback_improves_prompt_alignment_and_the_reversed_labels_do_not(
     assert models["control"]["paired"]["shape_colour"]["gained"] <= models["control"]["paired"]["shape_colour"]["lost"]
     # the CLIP itself moved the way its labels point, and the other way for the control
     assert models["ai"]["clip"]["mean"] > models["base"]["clip"]["mean"] > models["control"]["clip"]["mean"]
-    assert h["passed"] and "demo-feedback verdict: CLIP's pairs raised" in proc.stdout
+    assert h["passed"] and "demo-feedback verdict: CLIP's feedback raised" in proc.stdout
 
 
 def test_the_human_arm_trained_on_ingested_pick_a_pic_shards(reduced_feedback):

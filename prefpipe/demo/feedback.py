@@ -26,6 +26,7 @@ from pathlib import Path
 
 import click
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from prefpipe.core.errors import PrefpipeError
@@ -37,7 +38,10 @@ from prefpipe.demo import oracle
 
 BASE = "base"  # the base model's name in eval's reports
 ARMS = {"human": "simulated annotators' pairs (Pick-a-Pic v2 shards, ingested)",
-        "ai": "CLIP's pairs", "both": "both (human + CLIP)", "control": "CLIP's pairs reversed"}
+        "ai": "CLIP's pairs", "both": "both (human + CLIP)", "control": "CLIP's pairs reversed",
+        "ai-kto": "CLIP's scores, per image (KTO)", "control-kto": "CLIP's scores reversed, per image (KTO)"}
+# (CLIP arm, its control): the verdict needs every pair present to hold, and at least one present
+VERDICT_PAIRS = (("ai", "control"), ("ai-kto", "control-kto"))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -69,13 +73,40 @@ def reverse_pairs(pairs: str | Path, out: str | Path) -> int:
     return rows
 
 
+def reverse_scores(scores: str | Path, out: str | Path) -> int:
+    """Write a scores dataset with every score negated (same scorer name, so `prefpipe feedback --by` still
+    finds it) into `out`, one shard per input file: the top of each prompt becomes its bottom. Returns the rows."""
+    files = parquet_files(scores)
+    rows = 0
+    with atomic_output(out) as tmp:
+        tmp.mkdir(parents=True)
+        for k, f in enumerate(files):
+            t = parquet_file(f).read()
+            if "score" not in t.column_names:
+                raise PrefpipeError(f"{f}: not a scores table (no column 'score')")
+            i = t.schema.get_field_index("score")
+            t = t.set_column(i, t.schema.field(i), pc.negate(t.column("score")))
+            pq.write_table(t, tmp / f"scores-{k:05d}-of-{len(files):05d}.parquet")
+            rows += t.num_rows
+    return rows
+
+
 @click.command("demo-reverse")
-@click.option("--pairs", required=True, type=click.Path(exists=True), help="A pairs dataset (e.g. WORKDIR/pairs/ai).")
-@click.option("--out", required=True, type=click.Path(), help="Folder to write the reversed pairs to.")
-def demo_reverse(pairs, out):
-    """Write a pairs dataset with every preference flipped: the demo's control arm trains on it."""
-    n = reverse_pairs(pairs, out)
-    click.echo(f"demo-reverse: {n} pairs of {pairs} with their preference flipped -> {out}", err=True)
+@click.option("--pairs", type=click.Path(exists=True), default=None, help="A pairs dataset (e.g. WORKDIR/pairs/ai).")
+@click.option("--scores", type=click.Path(exists=True), default=None,
+              help="Or a scores dataset (e.g. WORKDIR/scores): every score negated (the per-image control).")
+@click.option("--out", required=True, type=click.Path(), help="Folder to write the reversed pairs or scores to.")
+def demo_reverse(pairs, scores, out):
+    """Write a pairs dataset with every preference flipped, or a scores dataset with every score negated: the
+    demo's control arms train on them."""
+    if (pairs is None) == (scores is None):
+        raise PrefpipeError("demo-reverse: give --pairs or --scores (one of them)")
+    if pairs is not None:
+        n = reverse_pairs(pairs, out)
+        click.echo(f"demo-reverse: {n} pairs of {pairs} with their preference flipped -> {out}", err=True)
+    else:
+        n = reverse_scores(scores, out)
+        click.echo(f"demo-reverse: {n} scores of {scores} negated -> {out}", err=True)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -174,14 +205,19 @@ def feedback_headline(eval_dir: str | Path, *, scorer: str = "clip", agreement: 
                                                        "win_rate_ci": r["win_rate_ci"]}
                 comp[BASE]["compressibility"] = {"mean": r["base_mean"]}
         out["compressibility_arm"] = {"eval": str(ce), "models": comp}
-    base = out["models"][BASE]["oracle"]["shape_colour"]["accuracy"]
-    ai = out["models"].get("ai", {}).get("oracle", {}).get("shape_colour", {}).get("accuracy")
-    control = out["models"].get("control", {}).get("oracle", {}).get("shape_colour", {}).get("accuracy")
-    out["passed"] = ai is not None and control is not None and ai > base and control <= base
+    out["passed"] = verdict({m: e["oracle"]["shape_colour"]["accuracy"] for m, e in out["models"].items()})
     out["lines"] = headline_lines(out, scorer)
     write_atomic(eval_dir / "feedback.json", json.dumps(out, indent=2) + "\n")
     write_atomic(eval_dir / "feedback.md", "\n".join(out["lines"]) + "\n")
     return out
+
+
+def verdict(shape_colour: dict[str, float]) -> bool:
+    """The check on the oracle's shape-colour accuracy per model: for every (CLIP arm, control) of
+    :data:`VERDICT_PAIRS` evaluated, the arm above the base and the control not above it; at least one such pair."""
+    base = shape_colour[BASE]
+    present = [(shape_colour[a], shape_colour[c]) for a, c in VERDICT_PAIRS if a in shape_colour and c in shape_colour]
+    return bool(present) and all(a > base and c <= base for a, c in present)
 
 
 def headline_lines(h: dict, scorer: str) -> list[str]:
@@ -228,11 +264,11 @@ def headline_lines(h: dict, scorer: str) -> list[str]:
                          f"{_cell(e['oracle']['colours'])}, mean compressibility {c.get('mean', float('nan')):.4f}{extra}")
     base = h["models"][BASE]["oracle"]["shape_colour"]["accuracy"]
     if h["passed"]:
-        lines.append(f"demo-feedback verdict: CLIP's pairs raised the oracle's shape-colour accuracy above the base's "
-                     f"({_pct(base)}%), and the reversed pairs did not")
+        lines.append(f"demo-feedback verdict: CLIP's feedback raised the oracle's shape-colour accuracy above the base's "
+                     f"({_pct(base)}%), and the reversed feedback did not")
     else:
-        lines.append("demo-feedback verdict: NOT shown: the CLIP arm is not above the base on shape colour, or the "
-                     "control is above it")
+        lines.append("demo-feedback verdict: NOT shown: a CLIP arm is not above the base on shape colour, or its "
+                     "control is above it (or no CLIP arm and control were evaluated)")
     return lines
 
 
@@ -255,4 +291,4 @@ def demo_feedback_headline(eval_dir, scorer, agreement, annotators, clip_record,
         raise SystemExit(1)
 
 
-__all__ = ["ARMS", "feedback_headline", "reverse_pairs"]
+__all__ = ["ARMS", "feedback_headline", "reverse_pairs", "reverse_scores", "verdict"]
