@@ -117,6 +117,7 @@ def test_feedback_from_pairs_reads_both_images_of_each_pair(tiny_sd15, tmp_path)
     assert summary["data"]["items"] == 6 and summary["steps"] == 2
     card = (tmp_path / "run" / "README.md").read_text()
     assert "6\nimages labelled desirable or undesirable" in card
+    assert f"| `{tmp_path / 'fb'}` | feedback | pairs |" in card and f"| `{pairs}` |" in card  # the labels and the images
 
 
 def test_image_lookup_finds_candidates_across_files_and_drops_what_is_not_there(tmp_path):

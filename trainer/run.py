@@ -379,6 +379,7 @@ def write_training_card(run: Run, summary: dict[str, Any]) -> Path:
     cfg = run.cfg
     resolved = json.loads((run.out / "train_config.json").read_text()).get("resolved", {})
     paths = [Path(cfg.workdir) / "pairs" / s for s in cfg.source] + [Path(p) for p in cfg.pairs]
+    paths += [Path(p) for p in cfg.feedback] + ([Path(cfg.images)] if cfg.images else [])  # and the images' dataset
     facts = export.model_card_facts(cfg, summary, resolved, paths)
     facts["data"]["sources"] += [{"path": f, "stage": "d3po labels (JSON)", "source": "human", "scorer": "none",
                                   "rows": "-", "digest": "-"} for f in cfg.labels]
