@@ -5,6 +5,10 @@
                  ──encode (cache.py)──▶ VAE moments (mean, logvar) + text embeddings ──▶ cache unit files
     index (pairs.py: one item per trained pair, winner first) ──order(seed, epoch)──▶ micro-batches ──▶ PairBatch
 
+    feedback shards (`prefpipe feedback`) + the candidates or pairs they point into (--images)
+                 ──(feedback.py)──▶ single-image rows in the pairs layout (the image in both slots, label 1 / 0)
+                 ──▶ the same scan, cache, index and order; PairBatch.desirable carries each image's label (KTO)
+
     preferences (pairs tables, D3PO label files: d3po_labels.py) + candidates with trajectories
                  ──(trajectories.py)──▶ pairs of trajectories ──▶ StepBatch (one recorded DDIM step each)
 
