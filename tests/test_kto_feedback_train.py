@@ -118,6 +118,14 @@ def test_feedback_from_pairs_reads_both_images_of_each_pair(tiny_sd15, tmp_path)
     card = (tmp_path / "run" / "README.md").read_text()
     assert "6\nimages labelled desirable or undesirable" in card
     assert f"| `{tmp_path / 'fb'}` | feedback | pairs |" in card and f"| `{pairs}` |" in card  # the labels and the images
+    # images encoded at each step instead of cached: the same items, draws and losses (up to fp16 storage rounding)
+    live = _train(tiny_sd15, tmp_path / "live", "--feedback", str(tmp_path / "fb"), "--images", str(pairs),
+                  "--batch-size", "2", "--max-steps", "2", "--no-cache")
+    assert live["data"]["items"] == 6
+    cached = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    uncached = [json.loads(line) for line in (tmp_path / "live" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(cached, uncached, strict=True):
+        assert a["mse"] == pytest.approx(b["mse"], rel=1e-3) and a["loss"] == pytest.approx(b["loss"], abs=1e-3)
 
 
 def test_image_lookup_finds_candidates_across_files_and_drops_what_is_not_there(tmp_path):
