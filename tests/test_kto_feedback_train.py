@@ -23,6 +23,7 @@ from prefpipe.stages.feedback import FeedbackOptions, build_feedback
 from trainer.cli import train as train_command
 from trainer.config import TrainConfig
 from trainer.data.feedback import FeedbackUnit, ImageSource, list_feedback_units
+from trainer.data.rows import scan_unit
 from trainer.recipes import train
 
 from .conftest import ACCELERATE_LAUNCH, REPO, run_cli
@@ -149,6 +150,14 @@ def test_image_lookup_finds_candidates_across_files_and_drops_what_is_not_there(
     read = unit.read()
     assert read["jpg_0"].to_pylist() == [_png("red", "white"), None] and read["label_0"].to_pylist() == [1.0, 0.0]
     assert read["jpg_1"].to_pylist() == read["jpg_0"].to_pylist() and read["image_0_uid"].to_pylist() == ["pred#0", "pred#9"]
+    # a null label from a hand-made table is a bad row for the scan, not an undesirable image
+    nulls = tmp_path / "nulls.parquet"
+    pq.write_table(pa.Table.from_pylist([{**table[0], "desirable": None}], schema=FEEDBACK.remove(
+        FEEDBACK.get_field_index("desirable")).append(pa.field("desirable", pa.bool_()))), nulls)
+    (unit,) = list_feedback_units([nulls], source)
+    assert unit.read()["label_0"].to_pylist() == [None]
+    scan = scan_unit(unit.read(), unit)
+    assert scan.counts == {"rows_read": 1, "bad_label": 1} and not scan.rows
 
 
 def test_pairs_rows_are_found_by_file_name_only(tmp_path):

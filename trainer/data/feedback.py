@@ -156,7 +156,8 @@ class FeedbackUnit(Unit):
             "caption": pa.array([c if c is not None else o for c, o in zip(captions, own)], pa.string()),
             "jpg_0": pa.array(images, pa.binary()),
             "jpg_1": pa.array(images, pa.binary()),
-            "label_0": pa.array(np.array([1.0 if r["desirable"] else 0.0 for r in rows]), pa.float64()),
+            # a null label (a table not written by `prefpipe feedback`) is a bad row, never "undesirable"
+            "label_0": pa.array([None if r["desirable"] is None else float(bool(r["desirable"])) for r in rows], pa.float64()),
             "image_0_uid": pa.array(keys, pa.string()),
             "image_1_uid": pa.array(keys, pa.string()),
         })
