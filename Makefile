@@ -198,13 +198,19 @@ FB_PAIRS_ai        := $(FB_DIR)/pairs/ai/.complete
 FB_PAIRS_both      := $(FB_DIR)/pairs/human/.complete $(FB_DIR)/pairs/ai/.complete
 FB_PAIRS_control   := $(FB_DIR)/pairs/ai-reversed/.complete
 # per-image arms (Diffusion-KTO on `prefpipe feedback --from scores`: each prompt's top and bottom candidates by the
-# CLIP), used by make demo-feedback-long: the CLIP's scores, and the same scores negated (the control)
-FB_KTO_CUTS        ?= --desirable-top 0.34 --undesirable-bottom 0.34
-# (after FB_TRAIN_ARGS, so that its --beta and --max-steps win: KTO's beta scaled as make compare scales it, and
-# twice DPO's steps, the same denoiser forwards: 2 per image against 4 per pair)
+# CLIP), used by make demo-feedback-long: the CLIP's scores, and the same scores negated (the control). They sample
+# their own, larger candidate set (FB_KTO_PER_PROMPT per training prompt) and keep each prompt's top and bottom sixth:
+# the more candidates the CLIP ranks, the more right images it finds (issue 17's recipe search, README).
+FB_KTO_PER_PROMPT  ?= 48
+FB_KTO_CUTS        ?= --desirable-top 0.17 --undesirable-bottom 0.17
+FB_KTO_DIR         ?= $(FB_DIR)/kto
+FB_KTO_CANDIDATES   = $(FB_KTO_DIR)/candidates
+# (after FB_TRAIN_ARGS, so that its --beta and --max-steps win: KTO's beta scaled as make compare scales it.
+# demo-feedback-long's FBL_KTO_STEPS, 2000 steps of 32 images, is twice its DPO arm's denoiser forwards: 2 per image
+# against 4 per pair; at the same forwards, 1000 steps, the recipe gave 82.6-85.7% over 3 seeds, README)
 FB_KTO_ARGS        ?= --objective kto --beta 100
-FB_SOURCES_ai-kto      = --feedback $(FB_DIR)/feedback/ai --images $(CANDIDATES)
-FB_SOURCES_control-kto = --feedback $(FB_DIR)/feedback/control --images $(CANDIDATES)
+FB_SOURCES_ai-kto      = --feedback $(FB_DIR)/feedback/ai --images $(FB_KTO_CANDIDATES)
+FB_SOURCES_control-kto = --feedback $(FB_DIR)/feedback/control --images $(FB_KTO_CANDIDATES)
 FB_EXTRA_ai-kto        = $(FB_KTO_ARGS)
 FB_EXTRA_control-kto   = $(FB_KTO_ARGS)
 FB_PAIRS_ai-kto        = $(FB_DIR)/feedback/ai/.complete
@@ -237,15 +243,26 @@ $(FB_DIR)/pairs/ai-reversed/.complete: $(FB_DIR)/pairs/ai/.complete
 	$(PREFPIPE) demo-reverse --pairs $(FB_DIR)/pairs/ai --out $(FB_DIR)/pairs/ai-reversed
 	@touch $@
 
-# `label` wrote the CLIP's scores of every candidate beside its pairs
-$(FB_DIR)/scores-reversed/.complete: $(FB_DIR)/pairs/ai/.complete
-	rm -rf $(FB_DIR)/scores-reversed
-	$(PREFPIPE) demo-reverse --scores $(FB_DIR)/scores --out $(FB_DIR)/scores-reversed
+# The per-image arms' candidates and the CLIP's scores of them (`label` writes its scores beside its pairs; the
+# pairs, best against worst, are not used). Generated on DEMO_GEN_THREADS threads, as the demo's candidates.
+$(FB_KTO_CANDIDATES)/.complete: $(MODEL_DEP) $(PROMPTS_DEP) | $(STAMP)
+	OMP_NUM_THREADS=$(DEMO_GEN_THREADS) $(PREFPIPE) generate --model $(MODEL) --prompts $(PROMPTS) \
+	    --per-prompt $(FB_KTO_PER_PROMPT) --out $(FB_KTO_CANDIDATES) $(GEN_ARGS)
 	@touch $@
 
-$(FB_DIR)/feedback/ai/.complete: $(FB_DIR)/pairs/ai/.complete
+$(FB_KTO_DIR)/scores/.complete: $(FB_KTO_CANDIDATES)/.complete $(FB_CLIP)
+	rm -rf $(FB_KTO_DIR)/scores $(FB_KTO_DIR)/pairs
+	$(PREFPIPE) label $(FB_SCORER) --candidates $(FB_KTO_CANDIDATES) --out $(FB_KTO_DIR) --no-progress
+	@touch $@
+
+$(FB_DIR)/scores-reversed/.complete: $(FB_KTO_DIR)/scores/.complete
+	rm -rf $(FB_DIR)/scores-reversed
+	$(PREFPIPE) demo-reverse --scores $(FB_KTO_DIR)/scores --out $(FB_DIR)/scores-reversed
+	@touch $@
+
+$(FB_DIR)/feedback/ai/.complete: $(FB_KTO_DIR)/scores/.complete
 	rm -rf $(@D)
-	$(PREFPIPE) feedback --from scores --in $(FB_DIR)/scores --out $(@D) $(FB_KTO_CUTS)
+	$(PREFPIPE) feedback --from scores --in $(FB_KTO_DIR)/scores --out $(@D) $(FB_KTO_CUTS)
 	@touch $@
 
 $(FB_DIR)/feedback/control/.complete: $(FB_DIR)/scores-reversed/.complete
@@ -272,37 +289,52 @@ $(FB_DIR)/runs/%/.complete: $$(FB_PAIRS_$$*) $(MODEL_DEP)
 	    --out $(@D) $(FB_TRAIN_ARGS) $(FB_EXTRA_$*)
 	@touch $@
 
+# the eval drops every prompt that an evaluated arm trained on (pairs or per-image feedback)
+FB_HOLDOUT = $(sort $(foreach a,$(FB_ARMS),$(patsubst %/.complete,%,$(FB_PAIRS_$(a)))))
 $(FB_DIR)/eval/report.json: $(foreach a,$(FB_ARMS),$(FB_DIR)/runs/$(a)/.complete) $(EVAL_PROMPTS_DEP)
 	rm -rf $(FB_DIR)/eval
 	$(PREFPIPE) eval --base $(MODEL) $(foreach a,$(FB_ARMS),--tuned $(a)=$(FB_DIR)/runs/$(a)) --prompts $(EVAL_PROMPTS) \
-	    $(FB_SCORER) --per-prompt $(EVAL_PER_PROMPT) --holdout $(FB_DIR)/pairs/ai --holdout $(FB_DIR)/pairs/human \
+	    $(FB_SCORER) --per-prompt $(EVAL_PER_PROMPT) $(addprefix --holdout ,$(FB_HOLDOUT)) \
 	    --out $(FB_DIR)/eval $(FB_EVAL_ARGS)
 
 # ---- make demo-feedback-long: only the CLIP arms and their controls (reversed pairs, negated scores), by
 # demo-feedback's own rules in their own folder, with a stronger recipe: every pair of a prompt's 6 candidates (15,
-# not 3 at random) and 5x the steps (FBL_STEPS). The human pairs are made too (cheap): the eval holds them out.
+# not 3 at random) and 5x the steps (FBL_STEPS).
 # Issue 17's figures.
-# Also the per-image arms: Diffusion-KTO on the CLIP's scores (each prompt's top third of candidates desirable, the
-# bottom third undesirable; `prefpipe feedback --from scores`) and on the same scores negated (the control), at
-# FBL_KTO_STEPS steps of 32 images at learning rate 1e-3 (1000 steps: DPO's 500 steps of 32 pairs in denoiser forwards).
+# Also the per-image arms: Diffusion-KTO on the CLIP's scores of FB_KTO_PER_PROMPT (48) fresh candidates per
+# training prompt (each prompt's top sixth desirable, the bottom sixth undesirable; `prefpipe feedback --from scores`)
+# and on the same scores negated (the control), at FBL_KTO_STEPS steps of 32 images at learning rate 1e-3.
 FBL_DIR   ?= $(WORKDIR)/feedback-long
 FBL_STEPS ?= 500
-FBL_KTO_STEPS ?= 1000
+FBL_KTO_STEPS ?= 2000
+# the KTO arms' training seed (data order, noise, timesteps); make demo-feedback-seeds runs several
+FBL_SEED  ?= 0
 FBL_ARMS  ?= ai control ai-kto control-kto
 FBL_VARS   = FB_DIR=$(FBL_DIR) FB_ARMS="$(FBL_ARMS)" FB_LABEL_ARGS="--strategy all --no-progress" \
              FB_TRAIN_ARGS="--beta 500 --learning-rate 2e-3 --lora-rank 8 --lora-targets attn,ff,conv \
              --batch-size 32 --max-steps $(FBL_STEPS) --checkpoint-every 0 --no-progress" \
-             FB_KTO_ARGS="--objective kto --beta 100 --learning-rate 1e-3 --max-steps $(FBL_KTO_STEPS)"
+             FB_KTO_ARGS="--objective kto --beta 100 --learning-rate 1e-3 --max-steps $(FBL_KTO_STEPS) --seed $(FBL_SEED)"
 .PHONY: demo-feedback-long
 
 demo-feedback-long: install
 	$(MAKE) --no-print-directory -j2 demo-clip $(MODEL_DEP) $(PROMPTS_DEP) $(EVAL_PROMPTS_DEP)
 	OMP_NUM_THREADS=$(DEMO_GEN_THREADS) $(MAKE) --no-print-directory generate
-	$(MAKE) --no-print-directory -j2 $(FBL_VARS) $(FBL_DIR)/pairs/human/.complete \
-	    $(foreach a,$(FBL_ARMS),$(FBL_DIR)/runs/$(a)/.complete)
+	$(MAKE) --no-print-directory -j2 $(FBL_VARS) $(foreach a,$(FBL_ARMS),$(FBL_DIR)/runs/$(a)/.complete)
 	OMP_NUM_THREADS=$(DEMO_GEN_THREADS) $(MAKE) --no-print-directory $(FBL_VARS) $(FBL_DIR)/eval/report.json
 	$(PREFPIPE) demo-feedback-headline --eval $(FBL_DIR)/eval --clip-record $(CLIP_MODEL)/prefpipe_demo_clip.json \
 	    $(FB_HEADLINE_ARGS)
+
+# ---- make demo-feedback-seeds: demo-feedback-long's per-image arms (ai-kto, control-kto) once per KTO training
+# seed in FBL_SEEDS, each in FBL_DIR-seed-K, all on demo-feedback-long's candidates and CLIP scores (FBL_DIR/kto);
+# each seed prints its oracle headline. The spread the recipe's figure carries.
+FBL_SEEDS ?= 0 1 2
+.PHONY: demo-feedback-seeds
+
+demo-feedback-seeds: install
+	for k in $(FBL_SEEDS); do \
+	    $(MAKE) --no-print-directory demo-feedback-long FBL_ARMS="ai-kto control-kto" FBL_SEED=$$k \
+	        FBL_DIR=$(FBL_DIR)-seed-$$k FB_KTO_DIR=$(FBL_DIR)/kto || exit 1; \
+	done
 
 # ---- make compare: DPO, MaPO, KTO and SFT side by side on make demo's base model and candidates, each trained on
 # the reward's pairs and on the control's (the opposite reward), with one budget of denoiser forwards
