@@ -209,12 +209,12 @@ FB_KTO_CANDIDATES   = $(FB_KTO_DIR)/candidates
 # demo-feedback-long's FBL_KTO_STEPS, 2000 steps of 32 images, is twice its DPO arm's denoiser forwards: 2 per image
 # against 4 per pair; at the same forwards, 1000 steps, the recipe gave 82.6-85.7% over 3 seeds, README)
 FB_KTO_ARGS        ?= --objective kto --beta 100
-FB_SOURCES_ai-kto      = --feedback $(FB_DIR)/feedback/ai --images $(FB_KTO_CANDIDATES)
-FB_SOURCES_control-kto = --feedback $(FB_DIR)/feedback/control --images $(FB_KTO_CANDIDATES)
+FB_SOURCES_ai-kto      = --feedback $(FB_KTO_DIR)/feedback/ai --images $(FB_KTO_CANDIDATES)
+FB_SOURCES_control-kto = --feedback $(FB_KTO_DIR)/feedback/control --images $(FB_KTO_CANDIDATES)
 FB_EXTRA_ai-kto        = $(FB_KTO_ARGS)
 FB_EXTRA_control-kto   = $(FB_KTO_ARGS)
-FB_PAIRS_ai-kto        = $(FB_DIR)/feedback/ai/.complete
-FB_PAIRS_control-kto   = $(FB_DIR)/feedback/control/.complete
+FB_PAIRS_ai-kto        = $(FB_KTO_DIR)/feedback/ai/.complete
+FB_PAIRS_control-kto   = $(FB_KTO_DIR)/feedback/control/.complete
 
 .PHONY: demo-feedback demo-clip
 
@@ -255,19 +255,19 @@ $(FB_KTO_DIR)/scores/.complete: $(FB_KTO_CANDIDATES)/.complete $(FB_CLIP)
 	$(PREFPIPE) label $(FB_SCORER) --candidates $(FB_KTO_CANDIDATES) --out $(FB_KTO_DIR) --no-progress
 	@touch $@
 
-$(FB_DIR)/scores-reversed/.complete: $(FB_KTO_DIR)/scores/.complete
-	rm -rf $(FB_DIR)/scores-reversed
-	$(PREFPIPE) demo-reverse --scores $(FB_KTO_DIR)/scores --out $(FB_DIR)/scores-reversed
+$(FB_KTO_DIR)/scores-reversed/.complete: $(FB_KTO_DIR)/scores/.complete
+	rm -rf $(FB_KTO_DIR)/scores-reversed
+	$(PREFPIPE) demo-reverse --scores $(FB_KTO_DIR)/scores --out $(FB_KTO_DIR)/scores-reversed
 	@touch $@
 
-$(FB_DIR)/feedback/ai/.complete: $(FB_KTO_DIR)/scores/.complete
+$(FB_KTO_DIR)/feedback/ai/.complete: $(FB_KTO_DIR)/scores/.complete
 	rm -rf $(@D)
 	$(PREFPIPE) feedback --from scores --in $(FB_KTO_DIR)/scores --out $(@D) $(FB_KTO_CUTS)
 	@touch $@
 
-$(FB_DIR)/feedback/control/.complete: $(FB_DIR)/scores-reversed/.complete
+$(FB_KTO_DIR)/feedback/control/.complete: $(FB_KTO_DIR)/scores-reversed/.complete
 	rm -rf $(@D)
-	$(PREFPIPE) feedback --from scores --in $(FB_DIR)/scores-reversed --out $(@D) $(FB_KTO_CUTS)
+	$(PREFPIPE) feedback --from scores --in $(FB_KTO_DIR)/scores-reversed --out $(@D) $(FB_KTO_CUTS)
 	@touch $@
 
 $(FB_DIR)/pickapic/annotators.json: $(CANDIDATES)/.complete
@@ -325,7 +325,7 @@ demo-feedback-long: install
 	    $(FB_HEADLINE_ARGS)
 
 # ---- make demo-feedback-seeds: demo-feedback-long's per-image arms (ai-kto, control-kto) once per KTO training
-# seed in FBL_SEEDS, each in FBL_DIR-seed-K, all on demo-feedback-long's candidates and CLIP scores (FBL_DIR/kto);
+# seed in FBL_SEEDS, each in FBL_DIR-seed-K, all on demo-feedback-long's candidates, CLIP scores and labels (FBL_DIR/kto);
 # each seed prints its oracle headline. The spread the recipe's figure carries.
 FBL_SEEDS ?= 0 1 2
 .PHONY: demo-feedback-seeds

@@ -17,6 +17,7 @@ train --objective kto --feedback -> eval -> the same oracle's verdict.
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
@@ -108,8 +109,10 @@ def test_a_second_make_demo_feedback_redoes_nothing(reduced_feedback):
 LONG_REDUCED = {**REDUCED, "FBL_ARMS": "ai-kto control-kto", "FB_KTO_PER_PROMPT": "12", "FBL_KTO_STEPS": "300"}
 
 
-def _rows(folder):
-    return [r for f in sorted(folder.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+def _labelled(folder, desirable: bool) -> list[tuple[str, int]]:
+    """(prompt_id, candidate) of a feedback dataset's images labelled `desirable`, one per row."""
+    rows = [r for f in sorted(folder.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    return [(r["prompt_id"], r["candidate"]) for r in rows if r["desirable"] is desirable]
 
 
 def test_per_image_kto_on_the_clip_scores_improves_alignment_and_the_negated_scores_do_not(reduced_feedback):
@@ -122,18 +125,14 @@ def test_per_image_kto_on_the_clip_scores_improves_alignment_and_the_negated_sco
     # (floor(12 x 0.17) = 2 each, fewer where the cut falls inside a group of equal scores)
     candidates = sum(pq.read_metadata(f).num_rows for f in sorted((fbl / "kto" / "candidates").glob("*.parquet")))
     assert candidates == 76 * 12
-    ai, control = _rows(fbl / "feedback" / "ai"), _rows(fbl / "feedback" / "control")
-    key = ("prompt_id", "candidate")
-    for rows in (ai, control):
-        per_prompt: dict[tuple, int] = {}
-        for r in rows:
-            per_prompt[r["prompt_id"], r["desirable"]] = per_prompt.get((r["prompt_id"], r["desirable"]), 0) + 1
-        assert max(per_prompt.values()) <= 2 and sum(r["desirable"] for r in rows) > 76
+    feedback = fbl / "kto" / "feedback"
+    labelled = {(arm, d): _labelled(feedback / arm, d) for arm in ("ai", "control") for d in (True, False)}
+    for images in labelled.values():
+        assert max(Counter(prompt for prompt, _ in images).values()) <= 2
+    assert len(labelled["ai", True]) > 76 and len(labelled["control", True]) > 76
     # the control's scores are the CLIP's negated: its desirable images are exactly the CLIP arm's undesirable ones
-    assert {tuple(r[k] for k in key) for r in control if r["desirable"]} == {
-        tuple(r[k] for k in key) for r in ai if not r["desirable"]}
-    assert {tuple(r[k] for k in key) for r in control if not r["desirable"]} == {
-        tuple(r[k] for k in key) for r in ai if r["desirable"]}
+    assert set(labelled["control", True]) == set(labelled["ai", False])
+    assert set(labelled["control", False]) == set(labelled["ai", True])
     # judged by the oracle on the held-out prompts: the CLIP's per-image feedback raised the shape-colour accuracy
     # and the negated feedback lowered it, image by image too
     h = json.loads((fbl / "eval" / "feedback.json").read_text())
