@@ -1,4 +1,7 @@
-"""The planner against a GPU: real SDXL shapes at 1024 px, one LoRA Diffusion-DPO step, measured.
+"""The planner against a GPU: real SDXL (or FLUX.1-dev) shapes at 1024 px, one LoRA Diffusion-DPO step, measured.
+
+    --model flux-dev --quantize nf4: FLUX.1-dev over an NF4 base (QLoRA, bitsandbytes' CUDA kernels), the
+    24 GiB recipe.
 
     bash benchmarks/gpu_check.sh                 # on a GPU machine (no hub access needed)
     .venv/bin/python benchmarks/gpu_check.py --tiny --device cpu --steps 1   # the same code on a small config
@@ -32,17 +35,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-TINY = {  # SDXL's block types, narrow (the CPU smoke run)
-    "unet": {"block_out_channels": [32, 64], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-             "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "attention_head_dim": [2, 4],
-             "transformer_layers_per_block": [1, 2], "cross_attention_dim": 64, "addition_time_embed_dim": 8,
-             "projection_class_embeddings_input_dim": 80},
+TINY = {  # the same block types, narrow (the CPU smoke run)
+    "sdxl": {"unet": {"block_out_channels": [32, 64], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+                      "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "attention_head_dim": [2, 4],
+                      "transformer_layers_per_block": [1, 2], "cross_attention_dim": 64, "addition_time_embed_dim": 8,
+                      "projection_class_embeddings_input_dim": 80}},
+    "flux-dev": {"transformer": {"num_layers": 1, "num_single_layers": 2, "attention_head_dim": 16,
+                                 "num_attention_heads": 4, "joint_attention_dim": 128, "pooled_projection_dim": 64,
+                                 "axes_dims_rope": [4, 6, 6]}},
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="a narrow SDXL config (CPU smoke run)")
+    parser.add_argument("--tiny", action="store_true", help="a narrow config of the model (CPU smoke run)")
+    parser.add_argument("--model", choices=sorted(TINY), default="sdxl", help="whose published config")
+    parser.add_argument("--quantize", choices=["none", "nf4"], default="none", help="--quantize of prefpipe train")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--resolution", type=int, default=None, help="default: 1024 (256 with --tiny)")
     parser.add_argument("--lora-rank", type=int, default=64)
@@ -67,10 +75,12 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device (use --device cpu --tiny for the smoke run)")
     resolution = args.resolution or (256 if args.tiny else 1024)
-    model = write_config_folder("sdxl", Path(tempfile.mkdtemp(prefix="gpu-check-")) / "sdxl", TINY if args.tiny else None)
+    model = write_config_folder(args.model, Path(tempfile.mkdtemp(prefix="gpu-check-")) / args.model,
+                                TINY[args.model] if args.tiny else None)
     cfg = TrainConfig(model=str(model), out=None, plan=True, resolution=resolution, lora_rank=args.lora_rank,
                       mixed_precision="bf16", gradient_checkpointing=not args.no_checkpointing,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, quantize=args.quantize,
+                      max_sequence_length=32 if args.tiny and args.model == "flux-dev" else None)
 
     t0 = time.perf_counter()
     plan = plan_training(cfg, objective_step)

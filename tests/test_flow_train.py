@@ -388,16 +388,18 @@ def test_published_flow_configs_have_the_published_parameter_counts(tmp_path):
         assert shapes.text == ((77 + 256, 4096) if family == "sd3" else (512, 4096))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_the_plan_of_a_flow_step_matches_the_step_measured_on_cpu(family, flow_models):
+@pytest.mark.parametrize(("family", "quantize"), [*((f, "none") for f in FAMILIES), ("flux", "nf4")])
+def test_the_plan_of_a_flow_step_matches_the_step_measured_on_cpu(family, quantize, flow_models):
     """The planner's fake-tensor trace of one Flow-DPO step against the same step run for real, measured by the
-    CPU allocator's own records (the method of tests/test_plan.py)."""
+    CPU allocator's own records (the method of tests/test_plan.py); FLUX also over an nf4 base (QLoRA)."""
     from tests.test_plan import measured_peak
     from trainer.plan.result import plan_training
     from trainer.recipes.dpo import objective_step
 
+    if quantize != "none":
+        pytest.importorskip("bitsandbytes")
     cfg = TrainConfig(model=str(flow_models[family]), out=None, plan=True, resolution=32,
-                      max_sequence_length=int(T5_TOKENS), no_cache=True, lora_rank=4)
+                      max_sequence_length=int(T5_TOKENS), no_cache=True, lora_rank=4, quantize=quantize)
     plan = plan_training(cfg, objective_step, granularity=1)
     assert plan.settings["family"] == family and plan.category("weights") > 0 and plan.total_flops > 0
     assert plan.peak == pytest.approx(measured_peak(cfg), rel=0.03)

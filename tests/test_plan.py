@@ -11,6 +11,7 @@ before the profile) + the largest running sum of the allocator's events during t
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 
@@ -93,6 +94,7 @@ CASES = {  # each covers options the others do not
     "sd15 full bf16 Adafactor, batch 4, accumulation": (
         "sd15", {"full": True, "mixed_precision": "bf16", "optimizer": "adafactor", "batch_size": 4,
                  "gradient_accumulation": 2}),
+    "sdxl LoRA over an nf4 base, bf16": ("sdxl", {"mixed_precision": "bf16", "quantize": "nf4"}),
 }
 PLANS: dict[str, object] = {}
 
@@ -127,6 +129,31 @@ def test_planned_peak_matches_the_measured_allocation_within_10_percent(small, c
         assert plan.flops["recompute"] > 0
     if cfg.optimizer == "adamw" and not cfg.full:  # two fp32 moments per fp32 LoRA weight (and a 4-byte step count)
         assert plan.category("optimizer states") == pytest.approx(2 * weights["lora"], rel=0.01)
+    if cfg.quantize == "nf4":
+        assert weights["unet"] == nf4_unet_bytes(cfg.model)
+        # the 4-bit matmuls count the FLOPs of the layers they replace (bitsandbytes' op is not in torch's registry)
+        assert plan.total_flops == planned(dataclasses.replace(cfg, quantize="none")).total_flops
+
+
+def nf4_unet_bytes(model) -> int:
+    """The frozen UNet's bytes with its linear weights in bitsandbytes' QLoRA layout, counted from the architecture:
+    per linear weight of n values, n/2 bytes of 4-bit codes, one uint8 scale code per block of 64, one float32
+    scale per 256 blocks, the 256-entry float32 code and a float32 offset; everything else in bf16."""
+    import torch
+
+    from trainer.plan.models import build_unet
+
+    unet = build_unet(str(model)).to(torch.bfloat16)
+    total = 0
+    for module in unet.modules():
+        for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if isinstance(module, torch.nn.Linear) and name == "weight":
+                n = t.numel()
+                blocks = math.ceil(n / 64)
+                total += math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4
+            else:
+                total += t.numel() * t.element_size()
+    return total
 
 
 def test_plan_flops_match_torch_flop_counter_on_a_real_step(small):
@@ -186,6 +213,28 @@ def test_max_memory_picks_settings_that_fit_or_says_why_none_does(small):
         fit(dataclasses.replace(cfg, max_memory=f"{tiny}B"), objective_step, search=search)
     chosen_cfg, plan = fit(dataclasses.replace(cfg, max_memory=f"{tight}B"), objective_step, search=search)
     assert plan.fits(tight) and chosen_cfg.batch_size == chosen["batch_size"]
+
+
+def test_max_memory_quantizes_the_base_when_nothing_else_fits(small):
+    """The leanest bf16 settings do not fit a budget the same settings fit over an nf4 base: --max-memory picks
+    --quantize nf4 (last: it changes the model) and keeps everything else it can."""
+    pytest.importorskip("bitsandbytes")
+    from trainer.plan.fit import Search
+    from trainer.recipes.dpo import objective_step
+
+    cfg = config(small["sdxl"], mixed_precision="bf16")
+    search = Search(cfg, objective_step)
+    lean = [c for c in search.options if c.quantize == "none"][-1]
+    lean_nf4 = dataclasses.replace(lean, quantize="nf4")
+    assert search.options[-1] == lean_nf4 and all(c.quantize == "none" for c in search.options[: len(search.options) // 2])
+    bf16, nf4 = search.plan(lean), search.plan(lean_nf4)
+    assert nf4.at_peak["weights"]["unet"] < bf16.at_peak["weights"]["unet"] and nf4.needed() < bf16.needed()
+    budget = (nf4.needed() + bf16.needed()) / 2
+    chosen, plan = search.first_fit(budget)
+    assert chosen.quantize == "nf4" and plan.fits(budget) and not bf16.fits(budget)
+    assert chosen.batch_size * chosen.gradient_accumulation == cfg.batch_size * cfg.gradient_accumulation
+    full = Search(dataclasses.replace(cfg, full=True), objective_step)
+    assert all(c.quantize == "none" for c in full.options)  # a trained base is never quantized
 
 
 def test_max_memory_bad_input_is_one_message(small):

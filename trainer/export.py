@@ -137,7 +137,7 @@ CARD_METRICS = ("loss", "implicit_acc", "reward_margin", "clip_frac")  # the las
 # the options a card lists as the run's hyper-parameters (the rest are in train_config.json)
 CARD_OPTIONS = ("learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "optimizer", "batch_size",
                 "gradient_accumulation", "max_steps", "epochs", "mixed_precision", "lora_rank", "lora_alpha",
-                "lora_targets", "full", "init_from", "keep_ties", "caption_dropout", "random_crop", "random_flip", "seed")
+                "lora_targets", "quantize", "full", "init_from", "keep_ties", "caption_dropout", "random_crop", "random_flip", "seed")
 
 MODEL_CARD_TEMPLATE = """---
 {{ card_data }}

@@ -25,11 +25,13 @@ from trainer.losses import Objective
 from trainer.run import Run
 
 
-def prepare_unet(unet, cfg: TrainConfig, objective: Objective, weight_dtype, family: str):
+def prepare_unet(unet, cfg: TrainConfig, objective: Objective, weight_dtype, family: str, device=None):
     """Make `unet` trainable: LoRA adapters (B = 0, so the policy starts as the reference) or every weight;
     the reference (a frozen copy, only for --full or --reference-copy; otherwise the adapters are switched
     off; it stays where the base was loaded until :func:`place_reference`); then --init-from loads an
-    earlier run's weights into the policy only. Returns (unet, ref_unet or None, trainable params)."""
+    earlier run's weights into the policy only. With --quantize nf4 the base's linear layers are quantized
+    first, one at a time on `device` (the run's; default where the UNet is: `trainer.quantize`), and the
+    adapters wrap them. Returns (unet, ref_unet or None, trainable params)."""
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)  # the LoRA initialisation (A gaussian, B zero): the same in every process and run
@@ -43,6 +45,10 @@ def prepare_unet(unet, cfg: TrainConfig, objective: Objective, weight_dtype, fam
         from peft import LoraConfig
 
         unet.to(weight_dtype)
+        if cfg.quantize == "nf4":
+            from trainer.quantize import quantize_linears
+
+            quantize_linears(unet, weight_dtype, device)
         unet.add_adapter(LoraConfig(
             r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, init_lora_weights="gaussian",
             target_modules=cfg.lora_target_modules(family),

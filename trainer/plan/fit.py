@@ -8,7 +8,9 @@ second moment instead of AdamW's two moments, which does change the updates). In
    each divisor b of B, largest first): at 1024 px one pair already fills a GPU, so a smaller micro-batch
    costs little speed, where checkpointing recomputes the forward (about 30% slower);
 2. the same with gradient checkpointing on (if it was off);
-3. the same with `--optimizer adafactor` (if it was adamw).
+3. the same with `--optimizer adafactor` (if it was adamw);
+4. for LoRA, all of the above with `--quantize nf4` (the frozen base in 4 bits, `trainer.quantize`): the model
+   itself changes (its weights are rounded), so it comes last.
 
 The first candidate whose plan fits (`Plan.fits`: peak plus headroom) wins. Tracing SDXL costs 20-45 s per
 candidate, so candidates are first judged from those already traced, and only those that may fit are
@@ -48,16 +50,21 @@ def candidates(cfg: TrainConfig) -> list[TrainConfig]:
     b = cfg.batch_size
     micro = [d for d in range(b, 0, -1) if b % d == 0]
     out = []
-    for optimizer in dict.fromkeys([cfg.optimizer, "adafactor"]):
-        for ckpt in dict.fromkeys([cfg.gradient_checkpointing, True]):
-            for m in micro:
-                out.append(dataclasses.replace(cfg, optimizer=optimizer, gradient_checkpointing=ckpt, batch_size=m,
-                                               gradient_accumulation=cfg.gradient_accumulation * (b // m)))
+    from importlib.util import find_spec
+
+    lora = not cfg.full and not cfg.reference_copy and find_spec("bitsandbytes") is not None
+    for quantize in dict.fromkeys([cfg.quantize, *(["nf4"] if lora else [])]):
+        for optimizer in dict.fromkeys([cfg.optimizer, "adafactor"]):
+            for ckpt in dict.fromkeys([cfg.gradient_checkpointing, True]):
+                for m in micro:
+                    out.append(dataclasses.replace(cfg, quantize=quantize, optimizer=optimizer,
+                                                   gradient_checkpointing=ckpt, batch_size=m,
+                                                   gradient_accumulation=cfg.gradient_accumulation * (b // m)))
     return out
 
 
 def key(c: TrainConfig) -> tuple:
-    return c.optimizer, c.gradient_checkpointing, c.batch_size
+    return c.quantize, c.optimizer, c.gradient_checkpointing, c.batch_size
 
 
 class Search:
@@ -76,7 +83,7 @@ class Search:
 
     def estimate(self, c: TrainConfig) -> float | None:
         """Bytes needed (with headroom) estimated from a traced plan of the same optimizer and checkpointing."""
-        same = [(k[2], p) for k, p in self.plans.items() if k[:2] == key(c)[:2]]
+        same = [(k[3], p) for k, p in self.plans.items() if k[:3] == key(c)[:3]]
         if not same:
             return None
         b, p = min(same, key=lambda bp: abs(bp[0] - c.batch_size))
@@ -85,9 +92,9 @@ class Search:
         return peak * (1 + HEADROOM[0]) + HEADROOM[1] * GIB
 
     def lower_bound(self, c: TrainConfig) -> float | None:
-        """Bytes needed at least (with headroom), from any traced plan with the same optimizer: its weights and
-        optimizer states do not depend on the micro-batch or on checkpointing."""
-        same = [p for k, p in self.plans.items() if k[0] == c.optimizer]
+        """Bytes needed at least (with headroom), from any traced plan with the same base and optimizer: its
+        weights and optimizer states do not depend on the micro-batch or on checkpointing."""
+        same = [p for k, p in self.plans.items() if k[:2] == key(c)[:2]]
         if not same:
             return None
         static = min(p.category("weights") + p.category("optimizer states") for p in same)
@@ -140,6 +147,8 @@ def describe_change(cfg: TrainConfig, c: TrainConfig) -> str:
         out.append("--gradient-checkpointing")
     if c.optimizer != cfg.optimizer:
         out.append(f"--optimizer {c.optimizer}")
+    if c.quantize != cfg.quantize:
+        out.append(f"--quantize {c.quantize}")
     return " ".join(out)
 
 

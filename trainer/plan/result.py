@@ -27,6 +27,7 @@ from typing import Any
 
 from trainer.config import TrainConfig
 from trainer.plan.trace import CATEGORIES
+from trainer.quantize import parameter_count
 
 GIB = 2**30
 HEADROOM = (0.10, 1.0)  # fits a budget if peak x (1 + 0.10) + 1.0 GiB <= budget (fragmentation; context, workspaces)
@@ -117,6 +118,8 @@ def count(n: int) -> str:
 def describe(s: dict[str, Any]) -> str:
     """One line of the settings that decide memory and FLOPs."""
     mode = "full UNet" if s["full"] else f"LoRA rank {s['lora_rank']} on {s['lora_targets']}"
+    if s.get("quantize", "none") != "none":
+        mode += f" over an {s['quantize']} base"
     ref = {"copy": "frozen reference copy", "adapters off": "reference = adapters off", "none": "no reference"}[s["reference"]]
     return (f"{s['family']} at {s['resolution']} px, {s['objective']}, {mode} ({count(s['trainable'])} trainable), "
             f"{ref}, mixed precision {s['mixed_precision']}, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, "
@@ -130,7 +133,8 @@ def settings_of(cfg: TrainConfig, family: str, resolution: int, trainable: int, 
             "lora_rank": cfg.lora_rank, "lora_targets": cfg.lora_targets, "trainable": trainable,
             "reference": reference, "mixed_precision": cfg.mixed_precision,
             "gradient_checkpointing": cfg.gradient_checkpointing, "batch_size": cfg.batch_size,
-            "gradient_accumulation": cfg.gradient_accumulation, "optimizer": cfg.optimizer, "cache": not cfg.no_cache}
+            "gradient_accumulation": cfg.gradient_accumulation, "optimizer": cfg.optimizer, "cache": not cfg.no_cache,
+            "quantize": cfg.quantize}
 
 
 def plan_training(cfg: TrainConfig, step_fn, *, real: bool = False, granularity: int = 512) -> Plan:
@@ -140,7 +144,7 @@ def plan_training(cfg: TrainConfig, step_fn, *, real: bool = False, granularity:
     from trainer.plan.step import simulate
 
     tracer, m, seconds = simulate(cfg, step_fn, real=real, granularity=granularity)
-    n_unet = sum(p.numel() for p in m.unet.parameters())
+    n_unet = parameter_count(m.unet)
     n_train = sum(p.numel() for p in m.params)
     settings = settings_of(cfg, m.family, m.shapes.resolution, n_train, m.objective.needs_reference)
     flops = {k: v for k, v in tracer.flops.items() if v}
@@ -192,7 +196,7 @@ def static_plan(cfg: TrainConfig, family: str, resolution: int, unet, params, re
     settings = settings_of(cfg, family, resolution, n_train, needs_reference)
     note = (f"activations and FLOPs: `prefpipe train --plan` with the same options traces the step "
             f"(about 20-45 s of one core for SDXL); runs trace it at start-up below {QUICK_PARAMS / 1e6:.0f} M UNet parameters")
-    return Plan(settings, total, "start", at_peak, {}, {"unet": sum(p.numel() for p in unet.parameters()),
+    return Plan(settings, total, "start", at_peak, {}, {"unet": parameter_count(unet),
                 "trainable": n_train}, 0.0, granularity, traced=False, notes=[note])
 
 
@@ -200,7 +204,7 @@ def plan_at_start(cfg: TrainConfig, step_fn, *, family: str, resolution: int, un
                   needs_reference: bool, plan: Plan | None = None) -> str:
     """The plan a run prints beside its memory description: `plan` if --max-memory already traced it, the
     full trace for a denoiser under :data:`QUICK_PARAMS` parameters, else the static part (module docstring)."""
-    if plan is None and sum(p.numel() for p in unet.parameters()) < QUICK_PARAMS:
+    if plan is None and parameter_count(unet) < QUICK_PARAMS:
         import torch
 
         try:  # its random weights and inputs draw from a forked RNG: the run's own draws stay what they were

@@ -50,6 +50,33 @@ FLOP_FORMULAS = {
 }
 
 
+def gemm_4bit_flop(A, B, shapeB, *args, out_val=None, **kwargs) -> int:
+    """bitsandbytes' 4-bit matmul (`--quantize nf4`, trainer/quantize.py): A (..., K) times the (N, K) weight."""
+    n, k = shapeB
+    return 2 * (A.numel() // A.shape[-1]) * n * k
+
+
+def gemm_4bit_transient(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bit=None, *args, **kwargs
+                        ) -> int:
+    """Bytes bitsandbytes' 4-bit matmul holds inside its kernel, unseen by a dispatch mode: the weight dequantized
+    to A's dtype (its CUDA fallback past 1536 rows and its CPU kernel: `_dequant_linear_fallback`,
+    `_gemm_4bit_default_impl`), and with double quantization the float32 block scales. Counted whatever the
+    row count (CUDA's fused kernel below 1536 rows holds less): an upper bound of one layer's weight."""
+    n, k = shapeB
+    return n * k * A.element_size() + (4 * absmax_8bit.numel() if absmax_8bit is not None else 0)
+
+
+def bitsandbytes_ops() -> tuple[dict, dict]:
+    """({op: FLOP formula}, {op: bytes held inside}) for bitsandbytes' 4-bit matmul, when bitsandbytes is loaded
+    (a quantized model imported it); ({}, {}) otherwise."""
+    import sys
+
+    if "bitsandbytes" not in sys.modules:
+        return {}, {}
+    op = torch.ops.bitsandbytes.gemm_4bit
+    return {op: gemm_4bit_flop}, {op: gemm_4bit_transient}
+
+
 def cpu_attention_formulas() -> dict:
     """CPU's fused-attention formulas as `FlopCounterMode(custom_mapping=...)` takes them (already taking tensors,
     so marked raw: the mode would otherwise wrap them a second time)."""
@@ -86,6 +113,13 @@ class StepTracer(TorchDispatchMode):
         self.flops: dict[str, int] = defaultdict(int)
         self.flop_phase = "other"
         self.stack: list = []
+        self.formulas, self.transients = FLOP_FORMULAS, {}
+
+    def __enter__(self):
+        # looked up when the step starts: the models, built by now, imported bitsandbytes if they are quantized
+        bnb_formulas, self.transients = bitsandbytes_ops()
+        self.formulas = {**FLOP_FORMULAS, **bnb_formulas}
+        return super().__enter__()
 
     # -- phases ------------------------------------------------------------------------------------------
     def enter(self, category: str, component: str, where: str | None = None, flops: str | None = None) -> None:
@@ -156,7 +190,7 @@ class StepTracer(TorchDispatchMode):
             # True, what it is for the planned batch; any other read of a value fails as before
             return True
         out = func(*args, **(kwargs or {}))
-        formula = FLOP_FORMULAS.get(func.overloadpacket)
+        formula = self.formulas.get(func.overloadpacket)
         if formula is not None:
             self.flops[self.flop_phase] += int(formula(*args, **(kwargs or {}), out_val=out))
         if self.memory:
@@ -165,7 +199,17 @@ class StepTracer(TorchDispatchMode):
                     st = t.untyped_storage()
                     if st not in self.live:
                         self._add(st, self.key)
+            inside = self.transients.get(func.overloadpacket)
+            if inside is not None:  # held inside the op beside its output, freed before it returned
+                self._spike(inside(*args, **(kwargs or {})), ("temporaries", "dequantized weights"))
         return out
+
+    def _spike(self, nbytes: int, key: tuple[str, str]) -> None:
+        """`nbytes` live for an instant on top of what is live now."""
+        n = -(-nbytes // self.granularity) * self.granularity if self.granularity > 1 else nbytes
+        if self.current + n > self.peak:
+            self.peak, self.peak_totals, self.peak_at = self.current + n, dict(self.totals), self.where
+            self.peak_totals[key] = self.peak_totals.get(key, 0) + n
 
     def summary(self) -> dict[str, dict[str, int]]:
         """At the peak: {category: {component: bytes}} (zeros dropped)."""

@@ -180,7 +180,7 @@ def train_d3po(cfg: TrainConfig, objective: Objective, *, on_steps_start: Callab
     max_steps, effective_batch, lr = step_plan(cfg, order, len(data), world)
 
     # ---- 4. the UNet (adapters; --init-from loads the last round's LoRA into them), reference, optimizer --
-    unet, ref_unet, params = prepare_unet(unet, cfg, objective, dtype, family)
+    unet, ref_unet, params = prepare_unet(unet, cfg, objective, dtype, family, device=device)
     unet, optimizer, lr_scheduler = make_optimizer(run, unet, params, lr, max_steps, family)
     ref_unet = place_reference(run, ref_unet)  # whole on the device, or sharded like the policy (FSDP)
     state = resume(run)

@@ -44,6 +44,7 @@ from trainer.data.pairs import PairOrder, prepare_data
 from trainer.data.rows import PAIR_DROPS, list_units, sources_fingerprint
 from trainer.flow import FLOW_FAMILIES, FlowMatching
 from trainer.losses import Objective
+from trainer.quantize import parameter_count
 from trainer.run import (
     check_resumed_data,
     finish_run,
@@ -179,7 +180,7 @@ def train_dpo(cfg: TrainConfig, objective: Objective, *, on_steps_start: Callabl
     max_steps, effective_batch, lr = step_plan(cfg, order, len(data), world)
 
     # ---- 6. the UNet to train (LoRA or full, optionally --init-from), and the reference ----------------
-    unet, ref_unet, params = prepare_unet(unet, cfg, objective, dtype, family)
+    unet, ref_unet, params = prepare_unet(unet, cfg, objective, dtype, family, device=device)
 
     # ---- 7. optimizer and schedule (stepped once per optimizer step) ----------------------------------
     unet, optimizer, lr_scheduler = make_optimizer(run, unet, params, lr, max_steps, family)
@@ -195,7 +196,7 @@ def train_dpo(cfg: TrainConfig, objective: Objective, *, on_steps_start: Callabl
 
     # ---- 9. the plan -------------------------------------------------------------------------------------
     start_step = state["step"]
-    n_unet = sum(p.numel() for p in accelerator.unwrap_model(unet).parameters())
+    n_unet = parameter_count(accelerator.unwrap_model(unet))
     n_train = sum(p.numel() for p in params)
     hyper_text = ", ".join(f"{k} {v:g}" for k, v in hyper.items())
     run.echo(
@@ -358,7 +359,8 @@ def memory_plan(cfg: TrainConfig, objective: Objective, n_train: int, n_unet: in
         what = f"full {net}: {n_train:,} trainable params (fp32)"
     else:
         what = (f"LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {n_train:,} trainable of {n_unet:,} {net} params "
-                f"({100 * n_train / max(n_unet, 1):.2f}%), base in {dtype}")
+                f"({100 * n_train / max(n_unet, 1):.2f}%), base in {dtype}"
+                + (f" with its linear weights in {cfg.quantize} (4-bit)" if cfg.quantize != "none" else ""))
     if not objective.needs_reference:
         ref = f"none ({cfg.objective} needs no reference)"
     elif ref_unet is not None:
