@@ -1,7 +1,8 @@
 """Label-stage throughput: images/s per scorer, all scorers in one pass vs one pass per scorer, the stage
 against the scorers' bare forward (the model alone, on inputs prepared beforehand, at the same batch: the
-floor), and our HPSv2 against the `hpsv2` package's own per-image API on the same checkpoint (same process,
-same images). Everything alternates over `--rounds` rounds; the figures are the medians. Each model scorer's
+floor), the stage with its default worker threads against one thread decoding and preparing ahead
+(`PREFPIPE_WORKERS=1`), and our HPSv2 against the `hpsv2` package's own per-image API on the same checkpoint
+(same process, same images). Everything alternates over `--rounds` rounds; the figures are the medians. Each model scorer's
 peak memory is measured in a process of its own (`--peak-memory NAME`): resident memory (RSS) after loading and
 at its peak while scoring, against the same process before loading; on a GPU also torch's peak allocation.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 import tempfile
 import time
@@ -166,12 +168,20 @@ def main() -> None:
         score_candidates(cands, work / f"all-{r}", SCORERS, weights, batch_size=args.batch_size, progress=False,
                          scorers=scorers)
         one["all_in_one_pass_s"] = time.perf_counter() - t0
-        one["per_scorer_s"] = {}
+        one["per_scorer_s"], one["per_scorer_one_worker_s"] = {}, {}
         for name in SCORERS:
             t0 = time.perf_counter()
             score_candidates(cands, work / f"only-{name}-{r}", [name], weights, batch_size=args.batch_size,
                              progress=False, scorers=[by_name[name]])
             one["per_scorer_s"][name] = time.perf_counter() - t0
+            os.environ["PREFPIPE_WORKERS"] = "1"  # the baseline: one thread decoding and preparing ahead
+            try:
+                t0 = time.perf_counter()
+                score_candidates(cands, work / f"one-worker-{name}-{r}", [name], weights,
+                                 batch_size=args.batch_size, progress=False, scorers=[by_name[name]])
+                one["per_scorer_one_worker_s"][name] = time.perf_counter() - t0
+            finally:
+                del os.environ["PREFPIPE_WORKERS"]
         one["bare_forward_s"] = {name: bare_forward(by_name[name]) for name in SCORERS}
         if ref_score is not None and "hpsv2" in SCORERS:  # HPSv2: ours (batched) against the reference package's per-image API
             t0 = time.perf_counter()
@@ -189,9 +199,14 @@ def main() -> None:
     result["per_scorer"] = {
         name: {"images_per_s": n / med(r["per_scorer_s"][name] for r in rounds),
                "bare_forward_images_per_s": n / med(r["bare_forward_s"][name] for r in rounds),
-               "stage_vs_bare_forward": med(r["bare_forward_s"][name] / r["per_scorer_s"][name] for r in rounds)}
+               "stage_vs_bare_forward": med(r["bare_forward_s"][name] / r["per_scorer_s"][name] for r in rounds),
+               "one_worker_images_per_s": n / med(r["per_scorer_one_worker_s"][name] for r in rounds),
+               "workers_speedup": med(r["per_scorer_one_worker_s"][name] / r["per_scorer_s"][name] for r in rounds)}
         for name in SCORERS
     }
+    from prefpipe.core.background import default_workers
+
+    result["workers"] = default_workers()
     result["all_in_one_pass_s"] = med(r["all_in_one_pass_s"] for r in rounds)
     result["one_pass_per_scorer_s"] = med(sum(r["per_scorer_s"].values()) for r in rounds)
     result["one_pass_speedup"] = med(sum(r["per_scorer_s"].values()) / r["all_in_one_pass_s"] for r in rounds)

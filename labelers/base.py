@@ -153,7 +153,8 @@ class TorchScorer(ABC):
     Subclasses set `name`, `version`, `higher_is_better` and implement two halves of a batch: `prepare_batch`
     (images and prompts of at most `batch_size` pairs -> the model's CPU inputs: the reference preprocessing
     and tokenization) and `forward_batch` (those inputs -> a tensor or array of shape (B,)). `score` prepares the
-    next batch in a background thread while the model runs this one, so the accelerator never waits on PIL.
+    next batches in worker threads (`prefpipe.core.background.default_workers`) while the model runs this one,
+    so the accelerator waits on PIL as little as the CPU allows.
     """
 
     name: str
@@ -177,13 +178,13 @@ class TorchScorer(ABC):
         """Score N (image, prompt) pairs -> float32 array of shape (N,)."""
         import torch
 
-        from prefpipe.core.background import prefetch
+        from prefpipe.core.background import default_workers, prefetch
 
         check_inputs(images, prompts)
         chunks = [(list(images[i : i + self.batch_size]), list(prompts[i : i + self.batch_size]))
                   for i in range(0, len(images), self.batch_size)]
         out = []
-        for inputs in prefetch(chunks, lambda chunk: self.prepare_batch(*chunk)):
+        for inputs in prefetch(chunks, lambda chunk: self.prepare_batch(*chunk), workers=default_workers()):
             with torch.inference_mode():
                 batch = self.forward_batch(inputs)
             if isinstance(batch, torch.Tensor):

@@ -58,3 +58,54 @@ def test_prefetch_computes_ahead_in_another_thread_keeps_order_and_raises_in_pla
         break  # a consumer that stops early stops the thread
     time.sleep(0.2)
     assert threading.active_count() <= before
+
+
+def test_prefetch_over_workers_overlaps_them_keeps_order_bounds_the_work_ahead_and_raises_in_place():
+    from prefpipe.core.background import default_workers
+
+    assert 1 <= default_workers() <= 8
+    lock = threading.Lock()
+    running, most, started = [0], [0], []
+
+    def fn(x):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            started.append(x)
+        time.sleep(0.02 if x % 3 else 0.05)  # later items often finish first
+        with lock:
+            running[0] -= 1
+        if x == 11:
+            raise KeyError(11)
+        return x * x
+
+    got = []
+    with pytest.raises(KeyError):
+        for value in prefetch(range(20), fn, depth=2, workers=4):
+            got.append(value)
+            if len(got) == 3:  # at most workers + depth - 1 items are in flight ahead of the consumer
+                assert len(started) <= 3 + 4 + 2 - 1
+    assert got == [x * x for x in range(11)]  # in order, the error at its place
+    assert most[0] == 4  # the workers really ran at once
+    before = threading.active_count()
+    for _ in prefetch(range(1000), lambda x: x, workers=3):
+        break  # a consumer that stops early: no item is started after, and the pool's threads end
+    time.sleep(0.2)
+    assert threading.active_count() <= before
+
+
+def test_prefpipe_workers_sets_the_threads_and_a_bad_value_is_one_message(monkeypatch):
+    from prefpipe.core.background import default_workers
+    from prefpipe.core.errors import PrefpipeError
+
+    monkeypatch.delenv("PREFPIPE_WORKERS", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    alone = default_workers()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")  # 64 processes launched on this machine share its cores
+    assert default_workers() == 1 <= alone
+    monkeypatch.setenv("PREFPIPE_WORKERS", "3")
+    assert default_workers() == 3
+    for bad in ("0", "two", "-1", ""):
+        monkeypatch.setenv("PREFPIPE_WORKERS", bad)
+        with pytest.raises(PrefpipeError, match="PREFPIPE_WORKERS"):
+            default_workers()

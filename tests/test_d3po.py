@@ -318,3 +318,16 @@ def test_init_from_a_run_with_other_adapter_shapes_is_refused(world, tmp_path):
     train(_cfg(world, run, source=("ai",), max_steps=1, batch_size=1, limit=1))
     with pytest.raises(PrefpipeError, match="other shapes; train with --lora-rank 8"):
         train(_cfg(world, tmp_path / "r4", source=("ai",), max_steps=1, batch_size=1, limit=1, lora_rank=4, init_from=str(run)))
+
+
+def test_d3po_trains_over_an_nf4_base_from_log_2(world, tmp_path):
+    """--quantize nf4 (trainer/quantize.py) under D3PO: the policy and the adapters-off reference run the same 4-bit
+    layers, so at round 0 every ratio is exactly 1."""
+    pytest.importorskip("bitsandbytes")
+    from trainer.recipes import train
+
+    run = tmp_path / "nf4"
+    train(_cfg(world, run, source=("ai",), max_steps=2, step_fraction=0.5, quantize="nf4"))
+    first, last = _metrics(run)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-7) and first["ratio_w"] == 1.0
+    assert math.isfinite(last["loss"]) and last["ratio_w"] != 1.0

@@ -6,6 +6,8 @@
 
     for decoded in prefetch(batches, decode):        # the other direction: decode(batch) runs ahead
         score(decoded)
+    for decoded in prefetch(batches, decode, workers=default_workers()):   # ... in several threads, in order
+        score(decoded)
 
 The stages use it to keep the model busy: generate encodes PNGs and writes Parquet while the pipeline
 samples the next batch; label decodes the next batch while the scorers run. Items are handled in the order
@@ -59,10 +61,35 @@ class Background:
             raise self.error
 
 
-def prefetch(items: Iterable[Any], fn: Callable[[Any], Any], depth: int = 2) -> Iterator[Any]:
-    """`fn(item)` for each item, in order, computed in one background thread up to `depth` items ahead of the
-    consumer (decoding the next batch while the model runs this one). An exception in `fn` is raised at its
-    place in the sequence; a consumer that stops early stops the thread."""
+def default_workers() -> int:
+    """Threads that decode and preprocess images ahead of a model: `PREFPIPE_WORKERS` if set, else the CPU cores
+    this process may use shared among the processes launched on this machine (`LOCAL_WORLD_SIZE`), at most 8.
+    PIL's decoders and resampling release the GIL, so they scale with cores while the model runs."""
+    import os
+
+    from prefpipe.core.errors import PrefpipeError
+
+    given = os.environ.get("PREFPIPE_WORKERS")
+    if given is not None:
+        if not given.strip().isdigit() or int(given) < 1:
+            raise PrefpipeError(f"PREFPIPE_WORKERS={given!r}: give a whole number of threads, 1 or more")
+        return int(given)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    return max(1, min(8, cores // max(1, int(local) if local.isdigit() else 1)))
+
+
+def prefetch(items: Iterable[Any], fn: Callable[[Any], Any], depth: int = 2, workers: int = 1) -> Iterator[Any]:
+    """`fn(item)` for each item, in order, computed ahead of the consumer (decoding the next batches while the
+    model runs this one): in one background thread up to `depth` items ahead, or with `workers` > 1 in that many
+    threads at once, `workers + depth - 1` items in flight. An exception in `fn` is raised at its place in the
+    sequence; a consumer that stops early stops the work (items not started are dropped)."""
+    if workers > 1:
+        yield from _prefetch_pool(items, fn, depth, workers)
+        return
     results: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -95,3 +122,23 @@ def prefetch(items: Iterable[Any], fn: Callable[[Any], Any], depth: int = 2) -> 
             except queue.Empty:
                 pass
         thread.join()
+
+
+def _prefetch_pool(items: Iterable[Any], fn: Callable[[Any], Any], depth: int, workers: int) -> Iterator[Any]:
+    """:func:`prefetch` over a thread pool. The items are drawn by the consumer's thread as slots free up."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    in_flight = workers + depth - 1
+    pending: deque = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prefpipe-prefetch") as pool:
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= in_flight:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()

@@ -22,7 +22,7 @@ import polars as pl
 import pyarrow as pa
 
 from labelers.registry import parse_weights
-from prefpipe.core.background import prefetch
+from prefpipe.core.background import default_workers, prefetch
 from prefpipe.core.dataset import ShardedDataset, barrier, is_main_process, rank_world
 from prefpipe.core.errors import PrefpipeError
 from prefpipe.core.files import write_atomic
@@ -85,12 +85,13 @@ def score_candidates(
             pf = parquet_file(files[unit])
             sized = {"width", "height"} <= set(pf.schema_arrow.names)
             columns = ["prompt_id", "candidate", "prompt", "image"] + (["width", "height"] if sized else [])
-            def decoded(batch, sized=sized):  # in a background thread, one batch ahead of the scorers
+            def decoded(batch, sized=sized):  # in worker threads, batches ahead of the scorers
                 rows = batch.to_pydict()
                 return rows, decode_rows([rows["image"]], rows["prompt"],
                                          sizes=list(zip(rows["width"], rows["height"])) if sized else None)
 
-            for rows, ready in prefetch(pf.iter_batches(batch_size=max(batch_size, 64), columns=columns), decoded):
+            for rows, ready in prefetch(pf.iter_batches(batch_size=max(batch_size, 64), columns=columns), decoded,
+                                           workers=default_workers()):
                 scored = score_decoded(scorers, ready)
                 for i, reason, why in scored.bad:
                     writer.count(SCORE_DROPS[reason])
@@ -223,12 +224,13 @@ def relabel_pairs(
         cols = [c for c in ("caption", "jpg_0", "jpg_1", "label_0", "image_0_uid", "image_1_uid", "prompt_id")
                 if c in pf.schema_arrow.names]
         with ds.write_unit(unit) as writer:
-            def decoded(batch):  # in a background thread, one batch ahead of the scorers
+            def decoded(batch):  # in worker threads, batches ahead of the scorers
                 rows = batch.to_pydict()
                 return rows, decode_rows([rows["jpg_0"], rows["jpg_1"]], rows["caption"], keep_reason="empty_caption",
                                          keep=lambda j: None if (rows["caption"][j] or "").strip() else "empty caption")
 
-            for rows, ready in prefetch(pf.iter_batches(batch_size=max(batch_size, 64), columns=cols), decoded):
+            for rows, ready in prefetch(pf.iter_batches(batch_size=max(batch_size, 64), columns=cols), decoded,
+                                           workers=default_workers()):
                 n = len(rows["caption"])
                 scored = score_decoded(scorers, ready)
                 for i, reason, why in scored.bad:

@@ -61,7 +61,7 @@ def score_candidates(
     import pyarrow.parquet as pq
 
     from labelers.registry import scorer_class
-    from prefpipe.core.background import prefetch
+    from prefpipe.core.background import default_workers, prefetch
     from prefpipe.core.files import atomic_output
     from prefpipe.core.identity import input_fingerprint
     from prefpipe.core.progress import progress as progress_of
@@ -88,14 +88,14 @@ def score_candidates(
             continue
         for s in need:
             versions[(model, s)] = str(getattr(built[s], "version", ""))
-        def decoded(batch):  # in a background thread, one batch ahead of the scorers
+        def decoded(batch):  # in worker threads, batches ahead of the scorers
             rows = batch.to_pylist()
             return rows, decode_rows([[r["image"] for r in rows]], [r["prompt"] for r in rows],
                                      sizes=[(r["width"], r["height"]) for r in rows])
 
         batches = iter_batches(folders[model], columns=["prompt_id", "prompt", "candidate", "seed", "image", "width",
                                                         "height"], batch_size=batch_size)
-        for rows, ready in prefetch(batches, decoded):
+        for rows, ready in prefetch(batches, decoded, workers=default_workers()):
             scored = score_decoded([built[s] for s in need], ready)
             for i, reason, why in scored.bad:  # a bad image, a wrong size, a non-finite score: counted, keyed, skipped
                 counters[{"nonfinite_score": "nonfinite_scores", "size_mismatch": "size_mismatch"}.get(reason, "bad_images")] += 1
