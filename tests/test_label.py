@@ -202,3 +202,27 @@ def test_model_scorers_label_through_the_stage_with_an_ensemble(tmp_path):
         assert np.allclose(got, direct, atol=1e-5)
     pairs = pl.read_parquet(parquet_files(tmp_path / "w" / "pairs" / "ai"))
     assert set(pairs["scorer"]) == {"mean-rank(hpsv2,pickscore)"} and pairs.height >= 3
+
+
+def test_worker_threads_change_nothing_in_the_scores_and_a_bad_count_is_one_message(tmp_path, monkeypatch):
+    """The stage decodes and prepares batches in PREFPIPE_WORKERS threads (prefpipe.core.background): one thread and
+    four give the same scores bit for bit, in the same rows; a bad value of the variable is one message."""
+    from prefpipe.testing.scorers import write_tiny_scorer
+
+    weights = {k: write_tiny_scorer(k, tmp_path / k) for k in ("clip", "hpsv2")}
+    many = {f"a shape number {i}": [i % 3, (i + 1) % 3, 2] for i in range(50)}  # 150 images: 2 row batches a shard
+    cands = write_candidates(tmp_path / "c", many, corrupt={("a shape number 5", 1)})
+    tables = {}
+    for workers in ("1", "4"):
+        monkeypatch.setenv("PREFPIPE_WORKERS", workers)
+        r = invoke("label", "--scorer", "clip", "--scorer", "hpsv2", *[f"--weights={k}={v}" for k, v in weights.items()],
+                   "--by", "clip", "--candidates", cands, "--out", tmp_path / f"w{workers}", "--batch-size", "8",
+                   "--no-progress")
+        assert r.exit_code == 0, r.output
+        tables[workers] = pl.read_parquet(parquet_files(tmp_path / f"w{workers}" / "scores"))
+    assert tables["1"].height == 2 * (150 - 1)  # the corrupt image left out, in both
+    assert tables["1"].equals(tables["4"])  # same rows in the same order, same float32 bits
+    monkeypatch.setenv("PREFPIPE_WORKERS", "many")
+    r = CliRunner().invoke(main, ["label", "--scorer", "compressibility", "--candidates", str(cands), "--out",
+                                  str(tmp_path / "bad"), "--no-progress"])
+    assert r.exit_code != 0 and "PREFPIPE_WORKERS='many'" in r.output and "Traceback" not in r.output
