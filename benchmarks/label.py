@@ -1,7 +1,7 @@
 """Label-stage throughput: images/s per scorer, all scorers in one pass vs one pass per scorer, the stage
 against the scorers' bare forward (the model alone, on inputs prepared beforehand, at the same batch: the
-floor), the stage with its default worker threads against one thread decoding and preparing ahead
-(`PREFPIPE_WORKERS=1`), and our HPSv2 against the `hpsv2` package's own per-image API on the same checkpoint
+floor), the stage with `--workers` threads decoding and preparing ahead (default: what a GPU run uses) against one
+(`PREFPIPE_WORKERS`), and our HPSv2 against the `hpsv2` package's own per-image API on the same checkpoint
 (same process, same images). Everything alternates over `--rounds` rounds; the figures are the medians. Each model scorer's
 peak memory is measured in a process of its own (`--peak-memory NAME`): resident memory (RSS) after loading and
 at its peak while scoring, against the same process before loading; on a GPU also torch's peak allocation.
@@ -107,6 +107,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--real", action="store_true", help="use the real hub checkpoints instead of tiny ones")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--workers", type=int, default=None,
+                    help="threads preparing ahead in the stage's main arm [default: what a GPU run uses: one per core, "
+                         "at most 8; a CPU run's default is 1]")
     ap.add_argument("--scorers", default=",".join(SCORERS), help="comma-separated subset of " + ",".join(SCORERS))
     ap.add_argument("--peak-memory", default=None, help=argparse.SUPPRESS)  # internal: NAME,WEIGHTS,CANDIDATES
     args = ap.parse_args()
@@ -119,6 +122,9 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown --scorers {unknown}: choose among {SCORERS}")
     SCORERS[:] = chosen  # the rest of this run reads the module list
+    from prefpipe.core.background import default_workers
+
+    args.workers = args.workers or default_workers("cuda")
     import statistics
 
     from prefpipe.stages.label import score_candidates
@@ -170,18 +176,15 @@ def main() -> None:
         one["all_in_one_pass_s"] = time.perf_counter() - t0
         one["per_scorer_s"], one["per_scorer_one_worker_s"] = {}, {}
         for name in SCORERS:
-            t0 = time.perf_counter()
-            score_candidates(cands, work / f"only-{name}-{r}", [name], weights, batch_size=args.batch_size,
-                             progress=False, scorers=[by_name[name]])
-            one["per_scorer_s"][name] = time.perf_counter() - t0
-            os.environ["PREFPIPE_WORKERS"] = "1"  # the baseline: one thread decoding and preparing ahead
-            try:
-                t0 = time.perf_counter()
-                score_candidates(cands, work / f"one-worker-{name}-{r}", [name], weights,
-                                 batch_size=args.batch_size, progress=False, scorers=[by_name[name]])
-                one["per_scorer_one_worker_s"][name] = time.perf_counter() - t0
-            finally:
-                del os.environ["PREFPIPE_WORKERS"]
+            for key, threads in (("per_scorer_s", args.workers), ("per_scorer_one_worker_s", 1)):
+                os.environ["PREFPIPE_WORKERS"] = str(threads)  # against one thread decoding and preparing ahead
+                try:
+                    t0 = time.perf_counter()
+                    score_candidates(cands, work / f"{key}-{name}-{r}", [name], weights, batch_size=args.batch_size,
+                                     progress=False, scorers=[by_name[name]])
+                    one[key][name] = time.perf_counter() - t0
+                finally:
+                    del os.environ["PREFPIPE_WORKERS"]
         one["bare_forward_s"] = {name: bare_forward(by_name[name]) for name in SCORERS}
         if ref_score is not None and "hpsv2" in SCORERS:  # HPSv2: ours (batched) against the reference package's per-image API
             t0 = time.perf_counter()
@@ -204,9 +207,7 @@ def main() -> None:
                "workers_speedup": med(r["per_scorer_one_worker_s"][name] / r["per_scorer_s"][name] for r in rounds)}
         for name in SCORERS
     }
-    from prefpipe.core.background import default_workers
-
-    result["workers"] = default_workers()
+    result["workers"] = args.workers
     result["all_in_one_pass_s"] = med(r["all_in_one_pass_s"] for r in rounds)
     result["one_pass_per_scorer_s"] = med(sum(r["per_scorer_s"].values()) for r in rounds)
     result["one_pass_speedup"] = med(sum(r["per_scorer_s"].values()) / r["all_in_one_pass_s"] for r in rounds)

@@ -184,7 +184,7 @@ class TorchScorer(ABC):
         chunks = [(list(images[i : i + self.batch_size]), list(prompts[i : i + self.batch_size]))
                   for i in range(0, len(images), self.batch_size)]
         out = []
-        for inputs in prefetch(chunks, lambda chunk: self.prepare_batch(*chunk), workers=default_workers()):
+        for inputs in prefetch(chunks, lambda chunk: self.prepare_batch(*chunk), workers=default_workers(self.device)):
             with torch.inference_mode():
                 batch = self.forward_batch(inputs)
             if isinstance(batch, torch.Tensor):

@@ -1,5 +1,6 @@
 """The background helpers that keep a model busy: order kept, errors raised in the caller, no thread left."""
 
+import os
 import threading
 import time
 
@@ -95,16 +96,21 @@ def test_prefetch_over_workers_overlaps_them_keeps_order_bounds_the_work_ahead_a
 
 
 def test_prefpipe_workers_sets_the_threads_and_a_bad_value_is_one_message(monkeypatch):
+    import torch
+
     from prefpipe.core.background import default_workers
     from prefpipe.core.errors import PrefpipeError
 
     monkeypatch.delenv("PREFPIPE_WORKERS", raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     alone = default_workers()
+    assert default_workers("cuda:0") == alone == min(8, len(os.sched_getaffinity(0)))
+    # a model on the CPU uses every core itself: one thread prepares ahead
+    assert default_workers("cpu") == default_workers(torch.device("cpu")) == 1
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")  # 64 processes launched on this machine share its cores
     assert default_workers() == 1 <= alone
     monkeypatch.setenv("PREFPIPE_WORKERS", "3")
-    assert default_workers() == 3
+    assert default_workers() == default_workers("cpu") == 3
     for bad in ("0", "two", "-1", ""):
         monkeypatch.setenv("PREFPIPE_WORKERS", bad)
         with pytest.raises(PrefpipeError, match="PREFPIPE_WORKERS"):

@@ -7,6 +7,8 @@
   1/N of it and all-gathers one block at a time in its no-grad forward).
 - `--reference-copy`: LoRA with a separate frozen reference (the paper's layout, for comparison).
 - `--init-from RUN`: an earlier run's LoRA (or UNet) loaded into the policy only; the reference stays the base.
+- `--quantize nf4`: LoRA over a base whose linear weights are 4-bit (`trainer.quantize`); the reference is that
+  quantized base with the adapters off.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import polars as pl
 import pyarrow as pa
 
 from labelers.registry import parse_weights
-from prefpipe.core.background import default_workers, prefetch
+from prefpipe.core.background import prefetch
 from prefpipe.core.dataset import ShardedDataset, barrier, is_main_process, rank_world
 from prefpipe.core.errors import PrefpipeError
 from prefpipe.core.files import write_atomic
@@ -34,7 +34,7 @@ from prefpipe.core.schema import PAIRS, SCORES, check_columns, conform
 from prefpipe.core.stats import best_tie_threshold, stable_halves, tie_aware_points, wilson_interval
 from prefpipe.core.tables import parquet_file, parquet_files
 from prefpipe.stages.pairs import PairCounts, PairOptions, build_pairs
-from prefpipe.stages.scoring import decode_rows, load_scorers, score_decoded
+from prefpipe.stages.scoring import decode_rows, load_scorers, preparing_workers, score_decoded
 
 log = logging.getLogger("prefpipe.label")
 
@@ -91,7 +91,7 @@ def score_candidates(
                                          sizes=list(zip(rows["width"], rows["height"])) if sized else None)
 
             for rows, ready in prefetch(pf.iter_batches(batch_size=max(batch_size, 64), columns=columns), decoded,
-                                           workers=default_workers()):
+                                           workers=preparing_workers(scorers)):
                 scored = score_decoded(scorers, ready)
                 for i, reason, why in scored.bad:
                     writer.count(SCORE_DROPS[reason])
@@ -230,7 +230,7 @@ def relabel_pairs(
                                          keep=lambda j: None if (rows["caption"][j] or "").strip() else "empty caption")
 
             for rows, ready in prefetch(pf.iter_batches(batch_size=max(batch_size, 64), columns=cols), decoded,
-                                           workers=default_workers()):
+                                           workers=preparing_workers(scorers)):
                 n = len(rows["caption"])
                 scored = score_decoded(scorers, ready)
                 for i, reason, why in scored.bad:

@@ -61,12 +61,12 @@ def score_candidates(
     import pyarrow.parquet as pq
 
     from labelers.registry import scorer_class
-    from prefpipe.core.background import default_workers, prefetch
+    from prefpipe.core.background import prefetch
     from prefpipe.core.files import atomic_output
     from prefpipe.core.identity import input_fingerprint
     from prefpipe.core.progress import progress as progress_of
     from prefpipe.core.tables import count_rows, iter_batches
-    from prefpipe.stages.scoring import decode_rows, load_scorers, score_decoded
+    from prefpipe.stages.scoring import decode_rows, load_scorers, preparing_workers, score_decoded
 
     keys = {
         (m, s): input_fingerprint(folder) + "/" + json.dumps([s, _weights_identity(weights.get(s))])
@@ -95,7 +95,7 @@ def score_candidates(
 
         batches = iter_batches(folders[model], columns=["prompt_id", "prompt", "candidate", "seed", "image", "width",
                                                         "height"], batch_size=batch_size)
-        for rows, ready in prefetch(batches, decoded, workers=default_workers()):
+        for rows, ready in prefetch(batches, decoded, workers=preparing_workers([built[s] for s in need])):
             scored = score_decoded([built[s] for s in need], ready)
             for i, reason, why in scored.bad:  # a bad image, a wrong size, a non-finite score: counted, keyed, skipped
                 counters[{"nonfinite_score": "nonfinite_scores", "size_mismatch": "size_mismatch"}.get(reason, "bad_images")] += 1
