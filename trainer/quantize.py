@@ -24,7 +24,6 @@ from prefpipe.core.errors import PrefpipeError
 
 BLOCKSIZE = 64  # QLoRA's block of 4-bit codes per absmax
 NESTED_BLOCKSIZE = 256  # QLoRA's block of 8-bit absmax codes per float32 scale
-QUANTIZE_CHOICES = ("none", "nf4")
 
 
 def bitsandbytes():
@@ -49,8 +48,9 @@ class NF4Linear(torch.nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, compute_dtype: torch.dtype, device=None) -> NF4Linear:
-        """Quantize `linear`'s weight (on `device`, default its own; meta and fake tensors give meta and fake
-        codes). The layer's input and output are unchanged but for the rounding of its weight."""
+        """Quantize `linear`'s weight on `device` (default its own; a meta weight gives meta codes: the planner
+        quantizes on the meta device, then gives the codes fake or random tensors). The layer's input and output
+        are unchanged but for the rounding of its weight."""
         bnb = bitsandbytes()
         device = torch.device(device) if device is not None else linear.weight.device
         layer = cls(linear.in_features, linear.out_features, compute_dtype)
