@@ -63,7 +63,7 @@ class Background:
 
 def default_workers(device=None) -> int:
     """Threads that decode and preprocess images ahead of a model on `device`: `PREFPIPE_WORKERS` if set; else 1
-    when the model runs on the CPU (it uses every core itself: more threads only compete with it, measured 1.0-1.1x
+    when the model runs on the CPU (it uses every core itself: more threads compete with it; 2 threads measured 1.0-1.5x
     on one process and 17% slower with two test processes on 2 cores); else, for a model on an accelerator, the
     CPU cores this process may use shared among the processes launched on this machine (`LOCAL_WORLD_SIZE`), at
     most 8. PIL's decoders and resampling release the GIL, so they scale with cores while the model runs.
