@@ -61,6 +61,11 @@ class Background:
             raise self.error
 
 
+def on_cpu(device) -> bool:
+    """`device` (a `torch.device` or a string such as "cpu", "cuda:0") is the CPU."""
+    return str(getattr(device, "type", device)).split(":")[0] == "cpu"
+
+
 def default_workers(device=None) -> int:
     """Threads that decode and preprocess images ahead of a model on `device`: `PREFPIPE_WORKERS` if set; else 1
     when the model runs on the CPU (it uses every core itself: more threads compete with it; 2 threads measured 1.0-1.5x
@@ -77,7 +82,7 @@ def default_workers(device=None) -> int:
         if not given.strip().isdigit() or int(given) < 1:
             raise PrefpipeError(f"PREFPIPE_WORKERS={given!r}: give a whole number of threads, 1 or more")
         return int(given)
-    if device is not None and str(getattr(device, "type", device)).split(":")[0] == "cpu":
+    if device is not None and on_cpu(device):
         return 1
     try:
         cores = len(os.sched_getaffinity(0))

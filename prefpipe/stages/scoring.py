@@ -45,11 +45,10 @@ def load_scorers(names: Sequence[str], weights: dict[str, str], *, batch_size: i
 def preparing_workers(scorers: Sequence[Scorer]) -> int:
     """Threads decoding batches ahead of `scorers` (`prefpipe.core.background.default_workers`): several when one of
     them runs on an accelerator, else one (a scorer without a device attribute counts as CPU)."""
-    from prefpipe.core.background import default_workers
+    from prefpipe.core.background import default_workers, on_cpu
 
     devices = [getattr(s, "device", "cpu") for s in scorers]
-    accelerated = [d for d in devices if str(getattr(d, "type", d)).split(":")[0] != "cpu"]
-    return default_workers(accelerated[0] if accelerated else "cpu")
+    return default_workers(next((d for d in devices if not on_cpu(d)), "cpu"))
 
 
 @dataclass

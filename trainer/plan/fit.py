@@ -23,8 +23,10 @@ alone is too big (a budget under the fixed headroom fails at once).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 from collections.abc import Callable
+from importlib.util import find_spec
 
 from prefpipe.core.errors import PrefpipeError
 from trainer.config import TrainConfig
@@ -49,18 +51,13 @@ def candidates(cfg: TrainConfig) -> list[TrainConfig]:
     """The settings to try, in order of preference (see the module docstring)."""
     b = cfg.batch_size
     micro = [d for d in range(b, 0, -1) if b % d == 0]
-    out = []
-    from importlib.util import find_spec
-
-    lora = not cfg.full and not cfg.reference_copy and find_spec("bitsandbytes") is not None
-    for quantize in dict.fromkeys([cfg.quantize, *(["nf4"] if lora else [])]):
-        for optimizer in dict.fromkeys([cfg.optimizer, "adafactor"]):
-            for ckpt in dict.fromkeys([cfg.gradient_checkpointing, True]):
-                for m in micro:
-                    out.append(dataclasses.replace(cfg, quantize=quantize, optimizer=optimizer,
-                                                   gradient_checkpointing=ckpt, batch_size=m,
-                                                   gradient_accumulation=cfg.gradient_accumulation * (b // m)))
-    return out
+    quantizable = not cfg.full and not cfg.reference_copy and find_spec("bitsandbytes") is not None
+    quantize = dict.fromkeys([cfg.quantize, *(["nf4"] if quantizable else [])])
+    optimizers = dict.fromkeys([cfg.optimizer, "adafactor"])
+    checkpointing = dict.fromkeys([cfg.gradient_checkpointing, True])
+    return [dataclasses.replace(cfg, quantize=q, optimizer=o, gradient_checkpointing=c, batch_size=m,
+                                gradient_accumulation=cfg.gradient_accumulation * (b // m))
+            for q, o, c, m in itertools.product(quantize, optimizers, checkpointing, micro)]
 
 
 def key(c: TrainConfig) -> tuple:
